@@ -1,0 +1,116 @@
+"""MNIST and Fashion-MNIST as numpy arrays, and the batches train.py feeds its jitted steps.
+
+The data comes from the four standard IDX files, read from a folder (`--data-dir`) or
+downloaded through TFDS's download manager (registered checksums, cache). TensorFlow is
+never imported: we parse the IDX files with numpy.
+"""
+import gzip
+import os
+import zlib
+
+import numpy as np
+
+DATASETS = ("mnist", "fashion_mnist")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
+
+
+class DataError(Exception):
+    """A data file or folder the user pointed at cannot be used; the message says why."""
+
+
+def parse_idx(path, magic):
+    """Reads one IDX file (raw or .gz) into a uint8 array, checking its header against its size."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
+        raise DataError(f"{path} is not an IDX file of this kind (magic number is not {magic:#010x})")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) != offset + int(np.prod(shape)):
+        raise DataError(f"{path} is truncated or padded: header says {shape}, "
+                        f"file holds {len(data) - offset} bytes of data")
+    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
+
+
+def find_file(data_dir, name):
+    """Path of `name` or `name.gz` in data_dir."""
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(data_dir, candidate)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"{data_dir} has no {name} (or {name}.gz); it needs the four standard "
+                    f"MNIST files: {', '.join(sum(FILES.values(), ()))}")
+
+
+def parse_split(images_path, labels_path):
+    """Images uint8 [N, 28, 28, 1] and labels int32 [N] from one pair of IDX files."""
+    images = parse_idx(images_path, IMAGES_MAGIC)
+    labels = parse_idx(labels_path, LABELS_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    return images[..., None], labels.astype(np.int32)
+
+
+def download(dataset):
+    """Paths of the dataset's four files, downloaded (or found in the cache) through TFDS."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(dataset)
+    manager = tfds.download.DownloadManager(
+        download_dir=os.path.join(tfds.core.constants.get_default_data_dir(), "downloads"),
+        url_infos=builder.url_infos, dataset_name=dataset)
+    urls = {name: builder.URL + name + ".gz" for name in sum(FILES.values(), ())}
+    try:
+        return {name: os.fspath(path) for name, path in manager.download(urls).items()}
+    except Exception as e:  # requests, TFDS and checksum errors share no base class
+        raise DataError(f"download of {dataset} failed ({type(e).__name__}); without network, "
+                        f"pass --data-dir DIR with the four files {', '.join(urls)} (raw or .gz)") from None
+
+
+def load_dataset(dataset, data_dir=None):
+    """{'train': (images, labels), 'test': (images, labels)} from data_dir, or downloaded."""
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is not a folder")
+    paths = download(dataset) if data_dir is None else {
+        name: find_file(data_dir, name) for name in sum(FILES.values(), ())}
+    return {split: parse_split(paths[images], paths[labels]) for split, (images, labels) in FILES.items()}
+
+
+def epoch_order(num_examples, seed, epoch):
+    """The training order of one epoch: a pure function of (seed, epoch), so resumed runs match."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batches(images, labels, batch_size, seed, epoch, steps_per_call):
+    """Yields shuffled batches stacked by steps_per_call: images [k, B, 28, 28, 1], labels [k, B].
+
+    The last incomplete batch is dropped; the last stack may hold fewer than steps_per_call.
+    """
+    num_batches = len(images) // batch_size
+    order = epoch_order(len(images), seed, epoch)[:num_batches * batch_size]
+    order = order.reshape(num_batches, batch_size)
+    for start in range(0, num_batches, steps_per_call):
+        index = order[start:start + steps_per_call]
+        yield images[index], labels[index]
+
+
+def eval_batches(images, labels, batch_size):
+    """Yields (images, labels, mask) covering every example once; the last batch is padded, mask 0."""
+    for start in range(0, len(images), batch_size):
+        batch_images, batch_labels = images[start:start + batch_size], labels[start:start + batch_size]
+        pad = batch_size - len(batch_images)
+        mask = np.concatenate([np.ones(len(batch_images), np.float32), np.zeros(pad, np.float32)])
+        yield (np.pad(batch_images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+               np.pad(batch_labels, (0, pad)), mask)

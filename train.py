@@ -1,0 +1,290 @@
+"""Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`. `--help` lists the flags.
+
+Data parallel over every device (jax.sharding): batches are split along the batch axis, the
+parameters and optimizer state are replicated, and jit inserts the gradient all-reduce.
+"""
+import argparse
+import functools
+import io
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+import input_pipeline
+from model import CNN
+
+# XLA:CPU lowers the backward convolutions to faster dots with this library fusion (measured in
+# bench.py: about 20% per step). The option names an XLA:CPU pass; other backends ignore it.
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+STEPS_PER_CALL = 5  # train steps fused into one jitted call: fewer dispatches, XLA fuses across steps
+EVAL_BATCH_SIZE = 1000
+CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
+CONFIG_KEYS = ("dataset", "batch_size", "learning_rate", "momentum", "seed")
+
+
+class TrainingError(Exception):
+    """Training cannot start or go on; the message says why and what to do."""
+
+
+def create_train_state(seed, learning_rate, momentum):
+    """A fresh TrainState: CNN parameters from jax.random.key(seed), SGD with momentum."""
+    model = CNN()
+    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                         tx=optax.sgd(learning_rate, momentum))
+
+
+def metric_sums(logits, labels, mask):
+    """[loss sum, correct count, example count] over the examples where mask is 1."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = logits.argmax(-1) == labels
+    return jnp.stack([(losses * mask).sum(), (correct * mask).sum(), mask.sum()])
+
+
+def train_step(state, images, labels):
+    """One SGD step on a uint8 batch; returns the new state and the batch's metric sums."""
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, images.astype(jnp.float32) / 255)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, logits
+
+    grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), metric_sums(logits, labels, jnp.ones(labels.shape))
+
+
+@functools.partial(jax.jit, donate_argnums=0, compiler_options=CPU_OPTIONS)
+def train_steps(state, sums, images, labels):
+    """train_step over a stack of batches [k, B, ...]; adds their metric sums to `sums`."""
+    state, batch_sums = jax.lax.scan(lambda s, batch: train_step(s, *batch), state,
+                                     (images, labels), unroll=True)
+    return state, sums + batch_sums.sum(0)
+
+
+@functools.partial(jax.jit, compiler_options=CPU_OPTIONS)
+def eval_step(params, images, labels, mask):
+    """Metric sums of one padded evaluation batch."""
+    logits = CNN().apply({"params": params}, images.astype(jnp.float32) / 255)
+    return metric_sums(logits, labels, mask)
+
+
+def make_mesh():
+    """A 1-D mesh over every device of every process, named 'batch'."""
+    return jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def shard(mesh, spec, array):
+    """A global array from this process's share of `array`, split along the axis named 'batch'."""
+    axis = spec.index("batch")
+    share = array.shape[axis] // jax.process_count()
+    local = np.take(array, np.arange(share) + jax.process_index() * share, axis=axis)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
+
+
+def train_epoch(state, mesh, images, labels, config, epoch):
+    """One pass over the training set; returns the state and [loss, accuracy %, seconds]."""
+    sums = jax.device_put(jnp.zeros(3), NamedSharding(mesh, P()))
+    batches = input_pipeline.train_batches(images, labels, config["batch_size"], config["seed"],
+                                           epoch, STEPS_PER_CALL)
+    steps = len(images) // config["batch_size"]
+    start, in_flight = time.perf_counter(), []
+    with tqdm(total=steps, disable=not sys.stderr.isatty(), leave=False, unit="step") as bar:
+        for stack_images, stack_labels in batches:
+            state, sums = train_steps(state, sums, shard(mesh, P(None, "batch"), stack_images),
+                                      shard(mesh, P(None, "batch"), stack_labels))
+            # Keep two calls in flight, not the whole epoch: XLA:CPU with several devices on few
+            # cores deadlocks with a deep queue, and a NaN loss stops the run within a few steps.
+            in_flight.append(sums)
+            if len(in_flight) > 2 and not np.isfinite(float(in_flight.pop(0)[0])):
+                break
+            bar.update(len(stack_labels))
+        loss_sum, correct, count = np.asarray(sums, np.float64)
+    if not np.isfinite(loss_sum):
+        raise TrainingError(f"the loss became {loss_sum} in epoch {epoch}; lower --learning-rate")
+    return state, [float(loss_sum / count), float(100 * correct / count), time.perf_counter() - start]
+
+
+def evaluate(params, mesh, images, labels):
+    """[loss, accuracy %] over every example: the last batch is padded and masked out."""
+    batch_size = -(-EVAL_BATCH_SIZE // jax.device_count()) * jax.device_count()
+    sums = sum(eval_step(params, *(shard(mesh, P("batch"), a) for a in batch))
+               for batch in input_pipeline.eval_batches(images, labels, batch_size))
+    loss_sum, correct, count = np.asarray(sums, np.float64)
+    return [float(loss_sum / count), float(100 * correct / count)]
+
+
+def write_atomic(path, data):
+    """Writes bytes to path via a temp file and os.replace: readers see the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state, epoch, config, history):
+    """Everything needed to use or resume the run, as one msgpack file."""
+    checkpoint = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
+                  "config": config, "history": history}
+    write_atomic(path, serialization.msgpack_serialize(checkpoint))
+
+
+def read_checkpoint(path):
+    """The raw checkpoint dict; TrainingError naming the file when it is missing or broken."""
+    try:
+        with open(path, "rb") as f:
+            checkpoint = serialization.msgpack_restore(f.read())
+        if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"}:
+            raise ValueError
+        return checkpoint
+    except OSError as e:
+        raise TrainingError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except Exception:  # msgpack raises many unrelated types on foreign or truncated bytes
+        raise TrainingError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
+
+
+def load_checkpoint(path, state):
+    """(state, epoch, config, history) from a checkpoint, `state` giving the structure and shapes."""
+    checkpoint = read_checkpoint(path)
+    saved, expected = checkpoint["state"], serialization.to_state_dict(state)
+    if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
+            np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
+        raise TrainingError(f"{path} does not fit this model (other parameter shapes)")
+    return (serialization.from_state_dict(state, saved), checkpoint["epoch"],
+            checkpoint["config"], checkpoint["history"])
+
+
+def save_plot(path, history):
+    """The quick start's two panels: loss and accuracy per epoch, train and test."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(15, 5))
+    epochs = [h["epoch"] for h in history]
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_title(metric.capitalize())
+        ax.set_xlabel("epoch")
+        for split in ("train", "test"):
+            ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], label=f"{split}_{metric}")
+        ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def positive(kind):
+    """An argparse type: `kind` (int or float) that must be > 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    """The command line; defaults are the Flax quick start's."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=positive(int), default=10, help="train up to this epoch")
+    parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch size")
+    parser.add_argument("--learning-rate", type=positive(float), default=0.01, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and shuffling")
+    parser.add_argument("--dataset", choices=input_pipeline.DATASETS, default="mnist")
+    parser.add_argument("--data-dir", help="folder with the four IDX files (raw or .gz); "
+                        "default: download through TFDS")
+    parser.add_argument("--workdir", default="./workdir", help="where checkpoint, history and plot go")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (one process per host)")
+    return parser.parse_args(argv)
+
+
+def train(args):
+    """Trains and evaluates epoch by epoch, writing checkpoint, history and plot after each."""
+    config = {key: getattr(args, key) for key in CONFIG_KEYS}
+    mesh = make_mesh()
+    if config["batch_size"] % jax.device_count():
+        raise TrainingError(f"--batch-size {config['batch_size']} is not divisible by the "
+                            f"{jax.device_count()} devices; pick a multiple of {jax.device_count()}")
+    writer = jax.process_index() == 0
+    checkpoint_path = os.path.join(args.workdir, CHECKPOINT)
+    if writer:
+        try:
+            os.makedirs(args.workdir, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.workdir).close()
+        except OSError as e:
+            raise TrainingError(f"--workdir {args.workdir} is not writable: {e.strerror}") from None
+    data = input_pipeline.load_dataset(args.dataset, args.data_dir)
+    train_images, train_labels = data["train"]
+    if config["batch_size"] > len(train_images):
+        raise TrainingError(f"--batch-size {config['batch_size']} is larger than the "
+                            f"{len(train_images)} training images")
+    state, first_epoch, history = create_train_state(args.seed, args.learning_rate, args.momentum), 1, []
+    if args.resume:
+        state, done, saved_config, history = load_checkpoint(checkpoint_path, state)
+        changed = [f"--{k.replace('_', '-')} {config[k]} (checkpoint: {saved_config[k]})"
+                   for k in CONFIG_KEYS if config[k] != saved_config[k]]
+        if changed:
+            raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
+        first_epoch = done + 1
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    for epoch in range(first_epoch, args.epochs + 1):
+        state, (train_loss, train_accuracy, seconds) = train_epoch(
+            state, mesh, train_images, train_labels, config, epoch)
+        test_loss, test_accuracy = evaluate(state.params, mesh, *data["test"])
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
+                        "test_loss": test_loss, "test_accuracy": test_accuracy, "epoch_time": seconds})
+        if writer:
+            print(f"train epoch: {epoch}, loss: {train_loss:.5f}, accuracy: {train_accuracy:.2f}")
+            print(f"test epoch: {epoch}, loss: {test_loss:.5f}, accuracy: {test_accuracy:.2f}")
+            print(f"epoch {epoch} time: {seconds:.2f} s, "
+                  f"{len(train_labels) // config['batch_size'] * config['batch_size'] / seconds:.0f} images/s",
+                  flush=True)
+            save_checkpoint(checkpoint_path, state, epoch, config, history)
+            write_atomic(os.path.join(args.workdir, HISTORY), json.dumps(history, indent=1).encode())
+            save_plot(os.path.join(args.workdir, PLOT), history)
+    return state
+
+
+def main(argv=None):
+    """Runs train() and turns every error a user can cause into one line on stderr."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends like Ctrl-C
+    try:
+        if args.distributed:
+            jax.distributed.initialize()
+        train(args)
+    except (TrainingError, input_pipeline.DataError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        path = os.path.join(args.workdir, CHECKPOINT)
+        saved = (f"last checkpoint: {path} (epoch {read_checkpoint(path)['epoch']})"
+                 if os.path.exists(path) else "no checkpoint was saved yet")
+        sys.exit(f"interrupted; {saved}")
+
+
+if __name__ == "__main__":
+    main()
