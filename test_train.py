@@ -3,8 +3,10 @@ import gzip
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -208,8 +210,7 @@ def test_cli_end_to_end_is_deterministic(data_dir, tmp_path):
     last = epoch_lines(runs[0].stdout)[-1]
     assert (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2)) == last[2:]
     assert (tmp_path / "0" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    state, epoch, config, saved_history = train.load_checkpoint(
-        str(tmp_path / "0" / "checkpoint.msgpack"), train.create_train_state(0, 0.01, 0.9))
+    state, epoch, config, saved_history = train.load_checkpoint(str(tmp_path / "0" / "checkpoint.msgpack"))
     assert epoch == 2 and config["dataset"] == "mnist" and saved_history == history
 
 
@@ -218,9 +219,266 @@ def test_model_summary_prints_parameter_count():
     assert run.returncode == 0 and "824,458" in run.stdout
 
 
+# --- checkpoints, resume, infer.py ---
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory):
+    """A workdir after `train.py --epochs 2` on the synthetic data, and that run's stdout."""
+    workdir = tmp_path_factory.mktemp("trained")
+    run = run_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", workdir)
+    assert run.returncode == 0, run.stderr
+    return workdir, run.stdout
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = train.create_train_state(3, 0.05, 0.5)
+    state = state.replace(opt_state=jax.tree.map(lambda a: a + 1, state.opt_state), step=7)
+    config = {"dataset": "mnist", "batch_size": 16, "learning_rate": 0.05, "momentum": 0.5, "seed": 3}
+    history = [{"epoch": 4, "train_loss": 0.5, "test_accuracy": 91.25}]
+    train.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
+    loaded, epoch, loaded_config, loaded_history = train.load_checkpoint(str(tmp_path / "c"))
+    assert (epoch, loaded_config, loaded_history, int(loaded.step)) == (4, config, history, 7)
+    for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                    jax.tree.leaves((loaded.params, loaded.opt_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "c")
+    config = {"dataset": "mnist", "batch_size": 32, "learning_rate": 0.01, "momentum": 0.9, "seed": 0}
+    train.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 1, config, [])
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, config, [])
+    assert train.load_checkpoint(path)[1] == 1
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(data_dir, trained, tmp_path):
+    workdir, two_epochs = trained
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    (resumed_dir / "checkpoint.msgpack").write_bytes((workdir / "checkpoint.msgpack").read_bytes())
+    resumed = run_script("train.py", "--resume", "--epochs", 3, "--data-dir", data_dir, "--workdir", resumed_dir)
+    straight = run_script("train.py", "--epochs", 3, "--data-dir", data_dir, "--workdir", tmp_path / "straight")
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
+    assert [line[1] for line in epoch_lines(resumed.stdout)] == [3, 3]
+    assert epoch_lines(two_epochs + resumed.stdout) == epoch_lines(straight.stdout)
+    a = train.load_checkpoint(str(resumed_dir / "checkpoint.msgpack"))
+    b = train.load_checkpoint(str(tmp_path / "straight" / "checkpoint.msgpack"))
+    assert a[1:3] == b[1:3] and [h["test_loss"] for h in a[3]] == [h["test_loss"] for h in b[3]]
+    for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_infer_evaluates_like_train_and_draws_the_grid(data_dir, trained, tmp_path):
+    workdir, stdout = trained
+    run = run_script("infer.py", "--ckpt", workdir / "checkpoint.msgpack", "--data-dir", data_dir,
+                     "--out", tmp_path / "grid.png")
+    assert run.returncode == 0, run.stderr
+    assert epoch_lines(run.stdout) == epoch_lines(stdout)[-1:]
+    predicted = re.search(r"^predicted: ([\d ]+)$", run.stdout, re.M).group(1).split()
+    true = re.search(r"^true: +([\d ]+)$", run.stdout, re.M).group(1).split()
+    assert len(predicted) == 25 and true == [str(c) for c in synthetic_split(203, 2)[1][:25]]
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def draw_seven(size, dark_on_light, rgb):
+    """A '7' drawn with strokes proportional to size, off-centre, as a PIL image."""
+    from PIL import Image, ImageDraw
+
+    ink, paper = (0, 255) if dark_on_light else (255, 0)
+    image = Image.new("RGB" if rgb else "L", (size, size), (paper,) * 3 if rgb else paper)
+    draw = ImageDraw.Draw(image)
+    s = size / 28
+    fill = (ink,) * 3 if rgb else ink
+    draw.line([(3 * s, 4 * s), (15 * s, 4 * s), (8 * s, 22 * s)], fill=fill, width=max(1, round(2 * s)))
+    return image
+
+
+def test_mnist_like_normalizes_any_picture(tmp_path):
+    import infer
+
+    draw_seven(28, False, False).save(tmp_path / "small.png")
+    draw_seven(280, True, True).save(tmp_path / "large.png")
+    draw_seven(280, True, True).save(tmp_path / "large.jpg", quality=90)
+    small, large, jpeg = (infer.mnist_like(str(tmp_path / n)) for n in ("small.png", "large.png", "large.jpg"))
+    for image in (small, large, jpeg):
+        assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and image.max() > 200
+        rows, cols = np.nonzero(image[..., 0] > 0)
+        assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 in (20, 21, 22)  # 20 + resampling halo
+        centre = (np.indices((28, 28)) * image[..., 0]).reshape(2, -1).sum(1) / image.sum()
+        assert np.abs(centre - 14).max() <= 1.0
+    assert np.corrcoef(large.ravel(), small.ravel())[0, 1] > 0.8
+    assert np.corrcoef(large.ravel(), jpeg.ravel())[0, 1] > 0.95
+
+
+def test_infer_classifies_images(trained, tmp_path):
+    workdir, _ = trained
+    draw_seven(280, True, True).save(tmp_path / "a.png")
+    draw_seven(28, False, False).save(tmp_path / "b.jpg")
+    run = run_script("infer.py", "--ckpt", workdir / "checkpoint.msgpack", "--image", tmp_path / "a.png",
+                     tmp_path / "b.jpg")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    pattern = r"^.+: (\d) \((\d+\.\d)%\), then (\d) \((\d+\.\d)%\), (\d) \((\d+\.\d)%\)$"
+    assert len(lines) == 2 and all(re.match(pattern, line) for line in lines)
+    first, p1, second, p2, third, p3 = re.match(pattern, lines[0]).groups()
+    assert len({first, second, third}) == 3 and float(p1) >= float(p2) >= float(p3)
+
+
 @pytest.mark.skipif(not MNIST_DATA_DIR, reason="set MNIST_DATA_DIR to the four MNIST files")
-def test_one_epoch_on_real_mnist(tmp_path):
+def test_real_mnist_one_epoch_then_infer_on_pictures(tmp_path):
+    from PIL import Image
+
     run = run_script("train.py", "--epochs", 1, "--data-dir", MNIST_DATA_DIR, "--workdir", tmp_path)
     assert run.returncode == 0, run.stderr
-    (_, _, _, train_accuracy), (_, _, _, test_accuracy) = epoch_lines(run.stdout)
-    assert test_accuracy >= 97.0
+    assert epoch_lines(run.stdout)[-1][3] >= 97.0
+    images, labels = input_pipeline.load_dataset("mnist", MNIST_DATA_DIR)["test"]
+    plain, drawn = [], []
+    for i in range(10):
+        Image.fromarray(images[i, ..., 0]).save(plain_path := tmp_path / f"plain{i}.png")
+        big = Image.fromarray(255 - images[i, ..., 0]).resize((280, 280), Image.BICUBIC).convert("RGB")
+        big.save(drawn_path := tmp_path / f"drawn{i}.png")
+        plain.append(plain_path)
+        drawn.append(drawn_path)
+    for files in (plain, drawn):
+        infer_run = run_script("infer.py", "--ckpt", tmp_path / "checkpoint.msgpack", "--image", *files)
+        assert infer_run.returncode == 0, infer_run.stderr
+        guesses = [int(line.split(": ")[1][0]) for line in infer_run.stdout.strip().splitlines()]
+        assert sum(g == l for g, l in zip(guesses, labels[:10])) >= 9, guesses
+
+
+# --- errors a user can cause: one line, non-zero exit, no traceback, nothing lost ---
+
+def assert_clean_error(run, message):
+    """The script failed with `message` in its last stderr line and no traceback."""
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr, run.stderr
+    assert re.search(message, run.stderr.strip().splitlines()[-1]), run.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], r"--epochs: must be greater than 0, got 0"),
+    (["--epochs", "-1"], r"--epochs: must be greater than 0, got -1"),
+    (["--epochs", "abc"], r"--epochs: expected a positive number, got 'abc'"),
+    (["--batch-size", "0"], r"--batch-size: must be greater than 0"),
+    (["--learning-rate", "-0.1"], r"--learning-rate: must be greater than 0"),
+    (["--dataset", "cifar10"], r"--dataset: invalid choice: 'cifar10'"),
+    (["--batch-size", "641"], r"--batch-size 641 is larger than the 640 training images"),
+])
+def test_bad_flags(data_dir, tmp_path, flags, message):
+    assert_clean_error(run_script("train.py", "--data-dir", data_dir, "--workdir", tmp_path, *flags), message)
+
+
+def broken_data(folder, damage):
+    """A copy of the synthetic data set with one kind of damage."""
+    write_dataset(folder)
+    images_gz = os.path.join(folder, "train-images-idx3-ubyte.gz")
+    if damage == "missing file":
+        os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
+    elif damage == "truncated gz":
+        data = open(images_gz, "rb").read()
+        open(images_gz, "wb").write(data[:len(data) // 2])
+    elif damage == "wrong magic":
+        write_idx(images_gz[:-3], synthetic_split(640, 1)[1])  # a labels file under an images name
+    elif damage == "count mismatch":
+        write_idx(images_gz[:-3], synthetic_split(639, 1)[0])
+    elif damage == "not 28x28":
+        write_idx(images_gz[:-3], np.zeros((640, 32, 32), np.uint8))
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no folder", r"--data-dir .* is not a folder"),
+    ("missing file", r"has no t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte.gz\); it needs the four"),
+    ("truncated gz", r"cannot read .*train-images-idx3-ubyte.gz"),
+    ("wrong magic", r"train-images-idx3-ubyte.gz is not an IDX file of this kind"),
+    ("count mismatch", r"has 639 images but .* has 640 labels"),
+    ("not 28x28", r"holds 32x32 images, not 28x28"),
+])
+def test_bad_data(tmp_path, damage, message):
+    folder = tmp_path / "missing" if damage == "no folder" else broken_data(str(tmp_path / "data"), damage)
+    assert_clean_error(run_script("train.py", "--data-dir", folder, "--workdir", tmp_path / "w"), message)
+
+
+def test_failed_download_says_how_to_work_offline(tmp_path):
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    proxy = f"http://127.0.0.1:{server.server_address[1]}"  # fashion_mnist's URLs are plain http
+    try:
+        run = run_script("train.py", "--dataset", "fashion_mnist", "--workdir", tmp_path / "w",
+                         env={"HTTP_PROXY": proxy, "http_proxy": proxy, "TFDS_DATA_DIR": str(tmp_path)})
+    finally:
+        server.shutdown()
+    assert_clean_error(run, r"download of fashion_mnist failed .*; without network, pass --data-dir DIR")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, trained, tmp_path):
+    workdir, _ = trained
+    good = (workdir / "checkpoint.msgpack").read_bytes()
+    (tmp_path / "checkpoint.msgpack").write_bytes(good)
+    run = run_script("train.py", "--learning-rate", "1e20", "--data-dir", data_dir, "--workdir", tmp_path)
+    assert_clean_error(run, r"the loss became (nan|inf) in epoch 1; lower --learning-rate")
+    assert (tmp_path / "checkpoint.msgpack").read_bytes() == good
+
+
+def test_unwritable_workdir_fails_before_training(data_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    run = run_script("train.py", "--data-dir", data_dir, "--workdir", tmp_path / "file" / "w")
+    assert_clean_error(run, r"--workdir .* is not writable")
+
+
+def test_resume_with_other_settings_is_refused(data_dir, trained, tmp_path):
+    workdir, _ = trained
+    run = run_script("train.py", "--resume", "--learning-rate", "0.1", "--data-dir", data_dir, "--workdir", workdir)
+    assert_clean_error(run, r"cannot resume .*--learning-rate 0.1 \(checkpoint: 0.01\)")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path, sig):
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--epochs", "1000",
+                                "--data-dir", data_dir, "--workdir", str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    while "epoch 2 time" not in process.stdout.readline():
+        pass
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    epoch = train.load_checkpoint(str(tmp_path / "checkpoint.msgpack"))[1]
+    assert_clean_error(subprocess.CompletedProcess([], process.returncode, "", stderr),
+                       rf"interrupted; last checkpoint: .*checkpoint.msgpack \(epoch {epoch}\)")
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, tmp_path):
+    """20 runs killed at random moments, each resuming the last; checkpoints are written often."""
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "checkpoint.msgpack")
+    train.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 0,
+                          {"dataset": "mnist", "batch_size": 32, "learning_rate": 0.01, "momentum": 0.9,
+                           "seed": 0}, [])
+    epochs = []
+    for _ in range(20):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--resume", "--epochs",
+                                    "100000", "--data-dir", data_dir, "--workdir", str(tmp_path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+        while "epoch" not in process.stdout.readline():  # the first save is close
+            pass
+        time.sleep(rng.uniform(0, 0.3))
+        process.kill()
+        process.wait()
+        epochs.append(train.load_checkpoint(path)[1])
+    assert epochs == sorted(epochs) and epochs[-1] > epochs[0]

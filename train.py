@@ -56,12 +56,11 @@ def metric_sums(logits, labels, mask):
 def train_step(state, images, labels):
     """One SGD step on a uint8 batch; returns the new state and the batch's metric sums."""
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, images.astype(jnp.float32) / 255)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, logits
+        batch_logits = logits(params, images)
+        return optax.softmax_cross_entropy_with_integer_labels(batch_logits, labels).mean(), batch_logits
 
-    grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), metric_sums(logits, labels, jnp.ones(labels.shape))
+    grads, batch_logits = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), metric_sums(batch_logits, labels, jnp.ones(labels.shape))
 
 
 @functools.partial(jax.jit, donate_argnums=0, compiler_options=CPU_OPTIONS)
@@ -72,11 +71,15 @@ def train_steps(state, sums, images, labels):
     return state, sums + batch_sums.sum(0)
 
 
+def logits(params, images):
+    """The model's logits of uint8 images."""
+    return CNN().apply({"params": params}, images.astype(jnp.float32) / 255)
+
+
 @functools.partial(jax.jit, compiler_options=CPU_OPTIONS)
 def eval_step(params, images, labels, mask):
     """Metric sums of one padded evaluation batch."""
-    logits = CNN().apply({"params": params}, images.astype(jnp.float32) / 255)
-    return metric_sums(logits, labels, mask)
+    return metric_sums(logits(params, images), labels, mask)
 
 
 def make_mesh():
@@ -150,7 +153,8 @@ def read_checkpoint(path):
     try:
         with open(path, "rb") as f:
             checkpoint = serialization.msgpack_restore(f.read())
-        if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"}:
+        if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"} \
+                or set(checkpoint["config"]) != set(CONFIG_KEYS):
             raise ValueError
         return checkpoint
     except OSError as e:
@@ -159,15 +163,16 @@ def read_checkpoint(path):
         raise TrainingError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
 
 
-def load_checkpoint(path, state):
-    """(state, epoch, config, history) from a checkpoint, `state` giving the structure and shapes."""
+def load_checkpoint(path):
+    """(state, epoch, config, history) of a checkpoint, checked against the model's shapes."""
     checkpoint = read_checkpoint(path)
-    saved, expected = checkpoint["state"], serialization.to_state_dict(state)
+    config = checkpoint["config"]
+    target = create_train_state(config["seed"], config["learning_rate"], config["momentum"])
+    saved, expected = checkpoint["state"], serialization.to_state_dict(target)
     if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
             np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
         raise TrainingError(f"{path} does not fit this model (other parameter shapes)")
-    return (serialization.from_state_dict(state, saved), checkpoint["epoch"],
-            checkpoint["config"], checkpoint["history"])
+    return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
 
 
 def save_plot(path, history):
@@ -244,12 +249,14 @@ def train(args):
                             f"{len(train_images)} training images")
     state, first_epoch, history = create_train_state(args.seed, args.learning_rate, args.momentum), 1, []
     if args.resume:
-        state, done, saved_config, history = load_checkpoint(checkpoint_path, state)
+        state, done, saved_config, history = load_checkpoint(checkpoint_path)
         changed = [f"--{k.replace('_', '-')} {config[k]} (checkpoint: {saved_config[k]})"
                    for k in CONFIG_KEYS if config[k] != saved_config[k]]
         if changed:
             raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
         first_epoch = done + 1
+        if done >= args.epochs:
+            print(f"{checkpoint_path} already holds epoch {done}; pass a larger --epochs to go on")
     state = jax.device_put(state, NamedSharding(mesh, P()))
     for epoch in range(first_epoch, args.epochs + 1):
         state, (train_loss, train_accuracy, seconds) = train_epoch(

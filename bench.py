@@ -1,0 +1,203 @@
+"""Benchmarks train.py against the Flax quick start's way, in one process: `python bench.py [--data-dir DIR]`.
+
+Absolute times drift on shared machines, so the two ways alternate in rounds and the table shows
+medians and their ratio. Also: evaluation speed, FLOPs against a matmul ceiling, and the wall time
+and peak memory of `train.py --epochs 1` and `infer.py --ckpt` as whole processes.
+"""
+import argparse
+import gzip
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import input_pipeline
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@jax.jit
+def quickstart_train_step(state, images, labels):
+    """The quick start's train_step: gradients only, its metrics come from a second pass."""
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return state.apply_gradients(grads=jax.grad(loss_fn)(state.params))
+
+
+@jax.jit
+def quickstart_compute_metrics(state, metrics, images, labels):
+    """The quick start's compute_metrics: a second forward pass, merged clu-style per batch."""
+    logits = state.apply_fn({"params": state.params}, images)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    correct = (logits.argmax(-1) == labels).sum()
+    return {"loss_total": metrics["loss_total"] + loss, "loss_count": metrics["loss_count"] + 1,
+            "accuracy_total": metrics["accuracy_total"] + correct,
+            "accuracy_count": metrics["accuracy_count"] + labels.size}
+
+
+def time_ours(images, labels, batch_size, steps, mesh):
+    """Seconds per step of train.train_steps over `steps` batches, after a warm-up call."""
+    state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
+    sums = jax.device_put(jnp.zeros(3), NamedSharding(mesh, P()))
+    stacks = list(input_pipeline.train_batches(images, labels, batch_size, 0, 1, train.STEPS_PER_CALL))
+    warm = [stacks[0]] + [s for s in stacks[1:] if len(s[1]) != len(stacks[0][1])][:1]
+    for stack in warm:  # compile every stack size first
+        state, sums = train.train_steps(state, sums, *(train.shard(mesh, P(None, "batch"), a) for a in stack))
+    sums.block_until_ready()
+    start, done = time.perf_counter(), 0
+    for stack_images, stack_labels in stacks:
+        if done >= steps:
+            break
+        state, sums = train.train_steps(state, sums, train.shard(mesh, P(None, "batch"), stack_images),
+                                        train.shard(mesh, P(None, "batch"), stack_labels))
+        done += len(stack_labels)
+    sums.block_until_ready()
+    return (time.perf_counter() - start) / done
+
+
+def time_quickstart(images, labels, batch_size, steps):
+    """Seconds per step the quick start's way: float32 batches from the host, two jitted calls."""
+    state = train.create_train_state(0, 0.01, 0.9)
+    metrics = {k: jnp.zeros(()) for k in ("loss_total", "loss_count", "accuracy_total", "accuracy_count")}
+    batches = [(i.astype(np.float32) / 255, l) for stack in input_pipeline.train_batches(
+        images, labels, batch_size, 0, 1, 1) for i, l in zip(*stack)][:steps + 1]
+    state = quickstart_train_step(state, *batches[0])
+    metrics = quickstart_compute_metrics(state, metrics, *batches[0])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch_images, batch_labels in batches[1:]:
+        state = quickstart_train_step(state, batch_images, batch_labels)
+        metrics = quickstart_compute_metrics(state, metrics, batch_images, batch_labels)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / (len(batches) - 1)
+
+
+def matmul_gflops(size=2048, repeats=10):
+    """The float32 matrix-multiply ceiling of this device, GFLOP/s."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a)
+    out.block_until_ready()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def train_step_flops(batch_size):
+    """FLOPs per image of one training step, from XLA's cost analysis."""
+    state = train.create_train_state(0, 0.01, 0.9)
+    images, labels = jnp.zeros((batch_size, 28, 28, 1), jnp.uint8), jnp.zeros(batch_size, jnp.int32)
+    cost = jax.jit(train.train_step).lower(state, images, labels).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
+
+
+def time_process(args, until=None):
+    """(wall seconds, peak RSS in MB) of a script run as a whole process; stops timing at `until`."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=HERE)
+    seconds = None
+    for line in process.stdout:
+        if until and line.startswith(until) and seconds is None:
+            seconds = time.perf_counter() - start
+    if process.wait():
+        sys.exit(f"error: {' '.join(args)} failed: {process.stderr.read().strip().splitlines()[-1:]}")
+    seconds = seconds or time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def write_random_dataset(folder):
+    """Random uint8 data of MNIST's shapes, as the four IDX files."""
+    rng = np.random.default_rng(0)
+    for split, num in (("train", 60000), ("test", 10000)):
+        for name, shape, magic in zip(input_pipeline.FILES[split], ((num, 28, 28), (num,)), (0x803, 0x801)):
+            array = rng.integers(0, 256 if len(shape) > 1 else 10, shape).astype(np.uint8)
+            header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in shape)
+            with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
+                f.write(header + array.tobytes())
+    return folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", help="the four MNIST files; default: random data of the same shape")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two ways")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or write_random_dataset(tmp)
+        data = input_pipeline.load_dataset("mnist", data_dir)
+        images, labels = data["train"]
+        mesh = train.make_mesh()
+        rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+                             "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                             "data": "MNIST" if args.data_dir else "random"}
+        for batch_size in (32, 128):
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(time_ours(images, labels, batch_size, args.steps, mesh))
+                theirs.append(time_quickstart(images, labels, batch_size, args.steps))
+            ours, theirs = statistics.median(ours), statistics.median(theirs)
+            figures[f"batch{batch_size}"] = {"ours_steps_per_s": 1 / ours, "quickstart_steps_per_s": 1 / theirs,
+                                             "ours_images_per_s": batch_size / ours, "speedup": theirs / ours}
+            rows += [(f"train, batch {batch_size}, ours", f"{1 / ours:.1f} steps/s, {batch_size / ours:.0f} images/s"),
+                     (f"train, batch {batch_size}, quick start's way", f"{1 / theirs:.1f} steps/s, "
+                      f"{batch_size / theirs:.0f} images/s"),
+                     (f"train, batch {batch_size}, speed-up", f"{theirs / ours:.2f}x")]
+        test_images, test_labels = data["test"]
+        params = train.create_train_state(0, 0.01, 0.9).params
+        train.evaluate(params, mesh, test_images, test_labels)
+        eval_seconds = min(time_it(lambda: train.evaluate(params, mesh, test_images, test_labels)) for _ in range(3))
+        flops, ceiling = train_step_flops(32), matmul_gflops()
+        achieved = flops * figures["batch32"]["ours_images_per_s"] / 1e9
+        figures.update(eval_seconds=eval_seconds, train_flops_per_image=flops, matmul_gflops=ceiling,
+                       achieved_gflops=achieved)
+        rows += [(f"evaluate {len(test_images)} test images", f"{eval_seconds:.3f} s"),
+                 ("train step FLOPs per image (XLA)", f"{flops / 1e6:.1f} MFLOP"),
+                 ("achieved at batch 32 / matmul ceiling", f"{achieved:.0f} / {ceiling:.0f} GFLOP/s "
+                  f"({100 * achieved / ceiling:.0f}%)")]
+        workdir = os.path.join(tmp, "workdir")
+        train_seconds, train_mb = time_process(["train.py", "--epochs", "1", "--data-dir", data_dir,
+                                                "--workdir", workdir])
+        infer_seconds, _ = time_process(["infer.py", "--ckpt", os.path.join(workdir, train.CHECKPOINT),
+                                         "--data-dir", data_dir], until="test epoch")
+        figures.update(train_1_epoch_seconds=train_seconds, train_peak_mb=train_mb,
+                       infer_to_accuracy_seconds=infer_seconds)
+        rows += [("python train.py --epochs 1: wall time", f"{train_seconds:.1f} s"),
+                 ("python train.py --epochs 1: peak memory", f"{train_mb:.0f} MB"),
+                 ("python infer.py --ckpt: start to accuracy", f"{infer_seconds:.1f} s")]
+    print(f"{figures['device']} ({figures['cpu_count']} CPUs, {figures['machine']}), "
+          f"{figures['data']} data, medians of {args.rounds} rounds")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+
+
+def time_it(fn):
+    """Wall seconds of fn()."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Predicts with a checkpoint of train.py: `python infer.py --ckpt [PATH] [--image FILE ...]`.
+
+Without --image it evaluates the checkpoint's test split, prints the first 25 predictions and
+draws them; with --image it classifies your own pictures of digits.
+"""
+import argparse
+import os
+import sys
+
+import jax
+import numpy as np
+
+import input_pipeline
+import train
+
+DEFAULT_CHECKPOINT = os.path.join("workdir", train.CHECKPOINT)
+
+
+class ImageError(Exception):
+    """An --image file cannot be used; the message says why."""
+
+
+def mnist_like(path):
+    """A picture as MNIST was made: uint8 [28, 28, 1], light digit on black, its 20x20 box
+    scaled to fit, centred on its centre of mass."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), np.float32)
+    except FileNotFoundError:
+        raise ImageError(f"{path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{path} is not an image PIL can read ({e.__class__.__name__})") from None
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127:  # dark ink on light paper, unlike MNIST
+        gray, border = 255 - gray, 255 - border
+    ink = np.clip(gray - np.median(border), 0, None)  # the paper's own shade is not ink
+    rows, cols = np.nonzero(ink > 0.25 * ink.max()) if ink.max() > 0 else ((), ())
+    if len(rows) == 0:
+        raise ImageError(f"{path} shows no digit (a uniform picture)")
+    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    scale = 20 / max(ink.shape)
+    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
+    digit = np.asarray(Image.fromarray(ink * (255 / ink.max())).resize(size, Image.LANCZOS))
+    digit = np.clip(digit, 0, 255)
+    com_row, com_col = (np.indices(digit.shape) * digit).reshape(2, -1).sum(1) / digit.sum()
+    top, left = (int(round(14 - com_row)), int(round(14 - com_col)))
+    top, left = min(max(top, 0), 28 - digit.shape[0]), min(max(left, 0), 28 - digit.shape[1])
+    canvas = np.zeros((28, 28), np.float32)
+    canvas[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return np.round(canvas).astype(np.uint8)[..., None]
+
+
+def predict(params, images):
+    """Class probabilities [N, 10] of uint8 images [N, 28, 28, 1]."""
+    return np.asarray(jax.nn.softmax(train.logits(params, images)))
+
+
+def save_grid(path, images, predicted, labels):
+    """The quick start's 5x5 picture: each image titled with its prediction, wrong ones in red."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(5, 5, figsize=(12, 12))
+    for ax, image, guess, label in zip(axs.flatten(), images, predicted, labels):
+        ax.imshow(image[..., 0], cmap="gray")
+        ax.set_title(f"label={guess}" + ("" if guess == label else f" (true {label})"),
+                     color="black" if guess == label else "red")
+        ax.axis("off")
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", nargs="?", const=DEFAULT_CHECKPOINT, default=DEFAULT_CHECKPOINT,
+                        help="checkpoint of train.py (no value: train.py's default)")
+    parser.add_argument("--image", nargs="+", metavar="FILE", help="PNG or JPEG pictures to classify")
+    parser.add_argument("--data-dir", help="folder with the four IDX files; default: download through TFDS")
+    parser.add_argument("--out", help="the 5x5 prediction grid (default: predictions.png beside --ckpt)")
+    return parser.parse_args(argv)
+
+
+def run(args):
+    """Classifies --image files, or evaluates the test split and draws the first 25."""
+    state, epoch, config, _ = train.load_checkpoint(args.ckpt)
+    if args.image:
+        images = np.stack([mnist_like(path) for path in args.image])
+        for path, probs in zip(args.image, predict(state.params, images)):
+            first, second, third = np.argsort(probs)[::-1][:3]
+            print(f"{path}: {first} ({100 * probs[first]:.1f}%), then {second} ({100 * probs[second]:.1f}%), "
+                  f"{third} ({100 * probs[third]:.1f}%)")
+        return
+    images, labels = input_pipeline.load_dataset(config["dataset"], args.data_dir)["test"]
+    loss, accuracy = train.evaluate(state.params, train.make_mesh(), images, labels)
+    print(f"test epoch: {epoch}, loss: {loss:.5f}, accuracy: {accuracy:.2f}", flush=True)
+    predicted = predict(state.params, images[:25]).argmax(-1)
+    print("predicted:", " ".join(map(str, predicted)))
+    print("true:     ", " ".join(map(str, labels[:25])))
+    out = args.out or os.path.join(os.path.dirname(args.ckpt), "predictions.png")
+    save_grid(out, images[:25], predicted, labels[:25])
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    """Runs run() and turns every error a user can cause into one line on stderr."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (train.TrainingError, input_pipeline.DataError, ImageError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. --out in a folder that does not exist
+        sys.exit(f"error: {e.filename or ''}: {e.strerror}")
+
+
+if __name__ == "__main__":
+    main()
