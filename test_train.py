@@ -54,6 +54,16 @@ def write_dataset(folder, num_train=640, num_test=203, gz=True):
     return str(folder)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The scripts run in subprocesses share a JAX compilation cache, so most skip compiling."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"))
