@@ -492,3 +492,23 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, tmp_pa
         process.wait()
         epochs.append(train.load_checkpoint(path)[1])
     assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
+
+
+# --- data parallel over several devices ---
+
+def test_several_devices_give_the_metrics_of_one(data_dir, tmp_path):
+    histories = {}
+    for devices in (1, 2, 4):
+        run = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / str(devices),
+                         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        assert run.returncode == 0, run.stderr
+        histories[devices] = json.loads((tmp_path / str(devices) / "history.json").read_text())[0]
+    for devices in (2, 4):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert histories[devices][key] == pytest.approx(histories[1][key], rel=1e-4), (devices, key)
+
+
+def test_batch_size_not_divisible_by_devices(data_dir, tmp_path):
+    run = run_script("train.py", "--batch-size", 30, "--data-dir", data_dir, "--workdir", tmp_path,
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert_clean_error(run, r"--batch-size 30 is not divisible by the 4 devices; pick a multiple of 4")
