@@ -9,7 +9,6 @@ import gzip
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -105,19 +104,25 @@ def train_step_flops(batch_size):
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
 
 
+# Peak RSS must come from a small parent: a child forked from this big process would count
+# the parent's pages it held until exec.
+MEASURE = ("import resource, subprocess, sys; code = subprocess.call([sys.executable, *sys.argv[1:]]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
 def time_process(args, until=None):
     """(wall seconds, peak RSS in MB) of a script run as a whole process; stops timing at `until`."""
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=HERE)
+    process = subprocess.Popen([sys.executable, "-c", MEASURE, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=HERE)
     seconds = None
     for line in process.stdout:
         if until and line.startswith(until) and seconds is None:
             seconds = time.perf_counter() - start
+    stderr = process.stderr.read().strip().splitlines()
     if process.wait():
-        sys.exit(f"error: {' '.join(args)} failed: {process.stderr.read().strip().splitlines()[-1:]}")
-    seconds = seconds or time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        sys.exit(f"error: {' '.join(args)} failed: {stderr[-2:]}")
+    return seconds or time.perf_counter() - start, int(stderr[-1]) / 1024
 
 
 def write_random_dataset(folder):

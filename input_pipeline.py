@@ -25,21 +25,19 @@ class DataError(Exception):
 def parse_idx(path, magic):
     """Reads one IDX file (raw or .gz) into a uint8 array, checking its header against its size."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if path.endswith(".gz"):
-            data = gzip.decompress(data)
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            header = f.read(4)
+            if len(header) < 4 or int.from_bytes(header, "big") != magic:
+                raise DataError(f"{path} is not an IDX file of this kind (magic number is not {magic:#010x})")
+            shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(magic & 0xFF))
+            array = np.empty(shape, np.uint8)  # read straight into place: no second copy in memory
+            size = f.readinto(memoryview(array).cast("B"))
+            extra = len(f.read(1))
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
-        raise DataError(f"{path} is not an IDX file of this kind (magic number is not {magic:#010x})")
-    ndim = magic & 0xFF
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    if len(data) != offset + int(np.prod(shape)):
-        raise DataError(f"{path} is truncated or padded: header says {shape}, "
-                        f"file holds {len(data) - offset} bytes of data")
-    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
+    if size != array.size or extra:
+        raise DataError(f"{path} is truncated or too long for the shape its header gives, {shape}")
+    return array
 
 
 def find_file(data_dir, name):

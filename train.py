@@ -27,7 +27,8 @@ from model import CNN
 
 # XLA:CPU lowers the backward convolutions to faster dots with this library fusion (measured in
 # bench.py: about 20% per step). The option names an XLA:CPU pass; other backends ignore it.
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+               "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"}
 STEPS_PER_CALL = 5  # train steps fused into one jitted call: fewer dispatches, XLA fuses across steps
 EVAL_BATCH_SIZE = 1000
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
@@ -41,7 +42,7 @@ class TrainingError(Exception):
 def create_train_state(seed, learning_rate, momentum):
     """A fresh TrainState: CNN parameters from jax.random.key(seed), SGD with momentum."""
     model = CNN()
-    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]  # one compile, not one per op
     return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                          tx=optax.sgd(learning_rate, momentum))
 
