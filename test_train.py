@@ -206,21 +206,20 @@ def test_short_run_learns_synthetic_digits(data_dir, tmp_path, capsys):
     assert lines[-1][2] < lines[1][2]
 
 
-def test_cli_end_to_end_is_deterministic(data_dir, tmp_path):
-    runs = [run_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", tmp_path / str(i))
-            for i in range(2)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-        assert len(epoch_lines(run.stdout)) == 4
-        assert re.search(r"^epoch 2 time: \d+\.\d\d s, \d+ images/s$", run.stdout, re.M)
-        assert "Traceback" not in run.stderr
-    assert epoch_lines(runs[0].stdout) == epoch_lines(runs[1].stdout)
-    history = json.loads((tmp_path / "0" / "history.json").read_text())
+def test_cli_end_to_end_is_deterministic(data_dir, trained, tmp_path):
+    """The same command as the `trained` fixture's prints the same numbers, and writes every output."""
+    run = run_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    assert len(epoch_lines(run.stdout)) == 4
+    assert re.search(r"^epoch 2 time: \d+\.\d\d s, \d+ images/s$", run.stdout, re.M)
+    assert epoch_lines(run.stdout) == epoch_lines(trained[1])
+    history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
-    last = epoch_lines(runs[0].stdout)[-1]
+    last = epoch_lines(run.stdout)[-1]
     assert (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2)) == last[2:]
-    assert (tmp_path / "0" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    state, epoch, config, saved_history = train.load_checkpoint(str(tmp_path / "0" / "checkpoint.msgpack"))
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state, epoch, config, saved_history = train.load_checkpoint(str(tmp_path / "checkpoint.msgpack"))
     assert epoch == 2 and config["dataset"] == "mnist" and saved_history == history
 
 
@@ -473,39 +472,42 @@ def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path, sig):
                        rf"interrupted; last checkpoint: .*checkpoint.msgpack \(epoch {epoch}\)")
 
 
-def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, tmp_path):
-    """20 runs killed at random moments, each resuming the last; checkpoints are written often."""
-    rng = np.random.default_rng(0)
-    path = str(tmp_path / "checkpoint.msgpack")
-    train.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 0,
-                          {"dataset": "mnist", "batch_size": 32, "learning_rate": 0.01, "momentum": 0.9,
-                           "seed": 0}, [])
+def kill_repeatedly(data_dir, workdir, kills, seed):
+    """Runs train.py --resume in workdir `kills` times, each SIGKILLed at a random moment after
+    its first epoch line; returns the epoch of the checkpoint left after each kill."""
+    rng = np.random.default_rng(seed)
+    path = str(workdir / "checkpoint.msgpack")
     epochs = []
-    for _ in range(20):
+    for _ in range(kills):
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--resume", "--epochs",
-                                    "100000", "--data-dir", data_dir, "--workdir", str(tmp_path)],
+                                    "100000", "--data-dir", data_dir, "--workdir", str(workdir)],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
-        while "epoch" not in process.stdout.readline():  # the first save is close
+        while "epoch" not in process.stdout.readline():  # from here on, a checkpoint write is never far
             pass
         time.sleep(rng.uniform(0, 0.3))
         process.kill()
         process.wait()
         epochs.append(train.load_checkpoint(path)[1])
-    assert epochs == sorted(epochs) and epochs[-1] > epochs[0]
+    return epochs
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, trained, tmp_path):
+    (tmp_path / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
+    epochs = kill_repeatedly(data_dir, tmp_path, 20, 0)
+    assert len(epochs) == 20 and epochs == sorted(epochs) and epochs[-1] > 2
 
 
 # --- data parallel over several devices ---
 
-def test_several_devices_give_the_metrics_of_one(data_dir, tmp_path):
-    histories = {}
-    for devices in (1, 2, 4):
+def test_several_devices_give_the_metrics_of_one(data_dir, trained, tmp_path):
+    one_device = json.loads((trained[0] / "history.json").read_text())[0]  # epoch 1 of the same run
+    for devices in (2, 4):
         run = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / str(devices),
                          env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
         assert run.returncode == 0, run.stderr
-        histories[devices] = json.loads((tmp_path / str(devices) / "history.json").read_text())[0]
-    for devices in (2, 4):
+        history = json.loads((tmp_path / str(devices) / "history.json").read_text())[0]
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-            assert histories[devices][key] == pytest.approx(histories[1][key], rel=1e-4), (devices, key)
+            assert history[key] == pytest.approx(one_device[key], rel=1e-4), (devices, key)
 
 
 def test_batch_size_not_divisible_by_devices(data_dir, tmp_path):
