@@ -514,3 +514,40 @@ def test_batch_size_not_divisible_by_devices(data_dir, tmp_path):
     run = run_script("train.py", "--batch-size", 30, "--data-dir", data_dir, "--workdir", tmp_path,
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
     assert_clean_error(run, r"--batch-size 30 is not divisible by the 4 devices; pick a multiple of 4")
+
+
+def broken_checkpoint(path, trained_dir, damage):
+    """A checkpoint file with one kind of damage, or none at all."""
+    good = (trained_dir / "checkpoint.msgpack").read_bytes()
+    if damage == "foreign":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    elif damage == "truncated":
+        path.write_bytes(good[:len(good) // 2])
+    elif damage == "mismatched":
+        from flax import serialization
+        checkpoint = serialization.msgpack_restore(good)
+        checkpoint["state"]["params"]["Dense_1"]["kernel"] = np.zeros((256, 12), np.float32)
+        path.write_bytes(serialization.msgpack_serialize(checkpoint))
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"cannot read checkpoint .*nothing.msgpack: No such file or directory"),
+    ("foreign", r"is not a checkpoint of train.py, or it is truncated"),
+    ("truncated", r"is not a checkpoint of train.py, or it is truncated"),
+    ("mismatched", r"does not fit this model \(other parameter shapes\)"),
+])
+def test_infer_bad_checkpoint(trained, tmp_path, damage, message):
+    path = broken_checkpoint(tmp_path / "nothing.msgpack", trained[0], damage)
+    assert_clean_error(run_script("infer.py", "--ckpt", path, "--image", tmp_path / "x.png"), message)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"x.png does not exist"),
+    (b"not a picture", r"x.png is not an image PIL can read"),
+])
+def test_infer_bad_image(trained, tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "x.png").write_bytes(content)
+    run = run_script("infer.py", "--ckpt", trained[0] / "checkpoint.msgpack", "--image", tmp_path / "x.png")
+    assert_clean_error(run, message)
