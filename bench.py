@@ -137,6 +137,13 @@ def write_random_dataset(folder):
     return folder
 
 
+def time_it(fn):
+    """Wall seconds of fn()."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", help="the four MNIST files; default: random data of the same shape")
@@ -195,13 +202,6 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
-
-
-def time_it(fn):
-    """Wall seconds of fn()."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+ALL_FILES = sum(FILES.values(), ())
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 
 
@@ -47,7 +48,7 @@ def find_file(data_dir, name):
         if os.path.isfile(path):
             return path
     raise DataError(f"{data_dir} has no {name} (or {name}.gz); it needs the four standard "
-                    f"MNIST files: {', '.join(sum(FILES.values(), ()))}")
+                    f"MNIST files: {', '.join(ALL_FILES)}")
 
 
 def parse_split(images_path, labels_path):
@@ -69,7 +70,7 @@ def download(dataset):
     manager = tfds.download.DownloadManager(
         download_dir=os.path.join(tfds.core.constants.get_default_data_dir(), "downloads"),
         url_infos=builder.url_infos, dataset_name=dataset)
-    urls = {name: builder.URL + name + ".gz" for name in sum(FILES.values(), ())}
+    urls = {name: builder.URL + name + ".gz" for name in ALL_FILES}
     try:
         return {name: os.fspath(path) for name, path in manager.download(urls).items()}
     except Exception as e:  # requests, TFDS and checksum errors share no base class
@@ -82,7 +83,7 @@ def load_dataset(dataset, data_dir=None):
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is not a folder")
     paths = download(dataset) if data_dir is None else {
-        name: find_file(data_dir, name) for name in sum(FILES.values(), ())}
+        name: find_file(data_dir, name) for name in ALL_FILES}
     return {split: parse_split(paths[images], paths[labels]) for split, (images, labels) in FILES.items()}
 
 

@@ -147,7 +147,7 @@ def test_download_path_turns_tfds_files_into_arrays(data_dir, monkeypatch):
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
     data = input_pipeline.load_dataset("fashion_mnist")
     builder = tfds.builder("fashion_mnist")
-    assert sorted(requested) == sorted(builder.URL + n + ".gz" for n in sum(input_pipeline.FILES.values(), ()))
+    assert sorted(requested) == sorted(builder.URL + n + ".gz" for n in input_pipeline.ALL_FILES)
     assert all(url in builder.url_infos for url in requested)  # TFDS has checksums for them
     np.testing.assert_array_equal(data["test"][1], synthetic_split(203, 2)[1])
 

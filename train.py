@@ -290,8 +290,10 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         path = os.path.join(args.workdir, CHECKPOINT)
-        saved = (f"last checkpoint: {path} (epoch {read_checkpoint(path)['epoch']})"
-                 if os.path.exists(path) else "no checkpoint was saved yet")
+        try:
+            saved = f"last checkpoint: {path} (epoch {read_checkpoint(path)['epoch']})"
+        except TrainingError:
+            saved = "no checkpoint was saved yet"
         sys.exit(f"interrupted; {saved}")
 
 
