@@ -249,7 +249,6 @@ def train(args):
     if config["batch_size"] > len(train_images):
         raise TrainingError(f"--batch-size {config['batch_size']} is larger than the "
                             f"{len(train_images)} training images")
-    state, first_epoch, history = create_train_state(args.seed, args.learning_rate, args.momentum), 1, []
     if args.resume:
         state, done, saved_config, history = load_checkpoint(checkpoint_path)
         changed = [f"--{k.replace('_', '-')} {config[k]} (checkpoint: {saved_config[k]})"
@@ -259,6 +258,8 @@ def train(args):
         first_epoch = done + 1
         if done >= args.epochs:
             print(f"{checkpoint_path} already holds epoch {done}; pass a larger --epochs to go on")
+    else:
+        state, first_epoch, history = create_train_state(args.seed, args.learning_rate, args.momentum), 1, []
     state = jax.device_put(state, NamedSharding(mesh, P()))
     for epoch in range(first_epoch, args.epochs + 1):
         state, (train_loss, train_accuracy, seconds) = train_epoch(
