@@ -52,9 +52,10 @@ def mnist_like(path):
     return np.round(canvas).astype(np.uint8)[..., None]
 
 
+@jax.jit
 def predict(params, images):
     """Class probabilities [N, 10] of uint8 images [N, 28, 28, 1]."""
-    return np.asarray(jax.nn.softmax(train.logits(params, images)))
+    return jax.nn.softmax(train.logits(params, images))
 
 
 def save_grid(path, images, predicted, labels):
@@ -90,15 +91,15 @@ def run(args):
     state, epoch, config, _ = train.load_checkpoint(args.ckpt)
     if args.image:
         images = np.stack([mnist_like(path) for path in args.image])
-        for path, probs in zip(args.image, predict(state.params, images)):
+        for path, probs in zip(args.image, np.asarray(predict(state.params, images))):
             first, second, third = np.argsort(probs)[::-1][:3]
             print(f"{path}: {first} ({100 * probs[first]:.1f}%), then {second} ({100 * probs[second]:.1f}%), "
                   f"{third} ({100 * probs[third]:.1f}%)")
         return
-    images, labels = input_pipeline.load_dataset(config["dataset"], args.data_dir)["test"]
+    images, labels = input_pipeline.load_dataset(config["dataset"], args.data_dir, ["test"])["test"]
     loss, accuracy = train.evaluate(state.params, train.make_mesh(), images, labels)
     print(f"test epoch: {epoch}, loss: {loss:.5f}, accuracy: {accuracy:.2f}", flush=True)
-    predicted = predict(state.params, images[:25]).argmax(-1)
+    predicted = np.asarray(predict(state.params, images[:25])).argmax(-1)
     print("predicted:", " ".join(map(str, predicted)))
     print("true:     ", " ".join(map(str, labels[:25])))
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "predictions.png")

@@ -6,6 +6,9 @@ never imported: we parse the IDX files with numpy.
 """
 import gzip
 import os
+import pathlib
+import threading
+import urllib.request
 import zlib
 
 import numpy as np
@@ -62,29 +65,51 @@ def parse_split(images_path, labels_path):
     return images[..., None], labels.astype(np.int32)
 
 
+def unreachable(url, seconds=10):
+    """None if url's server answers within `seconds`, else why not. TFDS itself retries a dead
+    network for about 3.5 minutes, printing a warning for each try."""
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=seconds).close()
+            answer.append(None)
+        except (OSError, ValueError) as e:  # URLError, HTTPError and socket timeouts are OSErrors
+            answer.append(str(getattr(e, "reason", e)))
+
+    answer = []
+    thread = threading.Thread(target=probe, daemon=True)  # daemon: a hung DNS lookup cannot hold us
+    thread.start()
+    thread.join(seconds)
+    return answer[0] if answer else f"no answer within {seconds} s"
+
+
 def download(dataset):
-    """Paths of the dataset's four files, downloaded (or found in the cache) through TFDS."""
+    """Paths of the dataset's four files from TFDS's download cache, or downloaded through TFDS."""
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import resource
 
     builder = tfds.builder(dataset)
-    manager = tfds.download.DownloadManager(
-        download_dir=os.path.join(tfds.core.constants.get_default_data_dir(), "downloads"),
-        url_infos=builder.url_infos, dataset_name=dataset)
+    download_dir = os.path.join(tfds.core.constants.get_default_data_dir(), "downloads")
     urls = {name: builder.URL + name + ".gz" for name in ALL_FILES}
+    offline = (f"without network, pass --data-dir DIR with the four files {', '.join(urls)} (raw or .gz)")
+    cached = all(resource.is_locally_cached(pathlib.Path(download_dir) / resource.get_dl_fname(
+        url, builder.url_infos[url].checksum)) for url in urls.values())
+    if not cached and (reason := unreachable(urls[ALL_FILES[0]])):
+        raise DataError(f"cannot download {dataset}: {reason}; {offline}")
+    manager = tfds.download.DownloadManager(download_dir=download_dir, url_infos=builder.url_infos,
+                                            dataset_name=dataset)
     try:
         return {name: os.fspath(path) for name, path in manager.download(urls).items()}
     except Exception as e:  # requests, TFDS and checksum errors share no base class
-        raise DataError(f"download of {dataset} failed ({type(e).__name__}); without network, "
-                        f"pass --data-dir DIR with the four files {', '.join(urls)} (raw or .gz)") from None
+        raise DataError(f"download of {dataset} failed ({type(e).__name__}); {offline}") from None
 
 
-def load_dataset(dataset, data_dir=None):
+def load_dataset(dataset, data_dir=None, splits=tuple(FILES)):
     """{'train': (images, labels), 'test': (images, labels)} from data_dir, or downloaded."""
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is not a folder")
     paths = download(dataset) if data_dir is None else {
         name: find_file(data_dir, name) for name in ALL_FILES}
-    return {split: parse_split(paths[images], paths[labels]) for split, (images, labels) in FILES.items()}
+    return {split: parse_split(*(paths[name] for name in FILES[split])) for split in splits}
 
 
 def epoch_order(num_examples, seed, epoch):

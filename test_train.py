@@ -4,8 +4,10 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -145,6 +147,7 @@ def test_download_path_turns_tfds_files_into_arrays(data_dir, monkeypatch):
         return {name: os.path.join(data_dir, name + ".gz") for name in urls}
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
+    monkeypatch.setattr(input_pipeline, "unreachable", lambda url: None)  # as if online
     data = input_pipeline.load_dataset("fashion_mnist")
     builder = tfds.builder("fashion_mnist")
     assert sorted(requested) == sorted(builder.URL + n + ".gz" for n in input_pipeline.ALL_FILES)
@@ -199,7 +202,7 @@ def test_one_train_step_lowers_the_loss(data_dir):
 
 def test_short_run_learns_synthetic_digits(data_dir, tmp_path, capsys):
     args = train.parse_args(["--epochs", "3", "--data-dir", data_dir, "--workdir", str(tmp_path)])
-    train.train(args)
+    train.train(args, threading.Event())
     lines = epoch_lines(capsys.readouterr().out)
     assert [(s, e) for s, e, _, _ in lines] == [(s, e) for e in (1, 2, 3) for s in ("train", "test")]
     assert lines[-1][3] >= 95.0
@@ -207,7 +210,8 @@ def test_short_run_learns_synthetic_digits(data_dir, tmp_path, capsys):
 
 
 def test_cli_end_to_end_is_deterministic(data_dir, trained, tmp_path):
-    """The same command as the `trained` fixture's prints the same numbers, and writes every output."""
+    """The `trained` fixture's training, from --data-dir instead of TFDS's cache, prints the same
+    numbers and writes every output."""
     run = run_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", tmp_path)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
@@ -230,11 +234,43 @@ def test_model_summary_prints_parameter_count():
 
 # --- checkpoints, resume, infer.py ---
 
+def closed_port():
+    """A port on 127.0.0.1 that nothing listens on: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proxy_settings(port):
+    """Environment that sends every HTTP and HTTPS request through a proxy on 127.0.0.1:port."""
+    return {name: f"http://127.0.0.1:{port}" for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")}
+
+
+def fill_tfds_cache(tfds_data_dir, data_dir):
+    """TFDS's download cache in tfds_data_dir, holding the synthetic files under MNIST's URLs."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import resource
+
+    builder = tfds.builder("mnist")
+    downloads = tfds_data_dir / "downloads"
+    downloads.mkdir(parents=True)
+    for name in input_pipeline.ALL_FILES:
+        url = builder.URL + name + ".gz"
+        path = downloads / resource.get_dl_fname(url, builder.url_infos[url].checksum)
+        path.write_bytes(open(os.path.join(data_dir, name + ".gz"), "rb").read())
+        resource.get_info_path(path).write_text("{}")
+
+
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory):
-    """A workdir after `train.py --epochs 2` on the synthetic data, and that run's stdout."""
-    workdir = tmp_path_factory.mktemp("trained")
-    run = run_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", workdir)
+    """A workdir after `train.py --epochs 2` on the synthetic data, and that run's stdout.
+
+    The data comes from TFDS's download cache with every connection refused: cached files need
+    no network (test_cli_end_to_end_is_deterministic gets the same log with --data-dir)."""
+    workdir, tfds_dir = tmp_path_factory.mktemp("trained"), tmp_path_factory.mktemp("tfds")
+    fill_tfds_cache(tfds_dir, data_dir)
+    run = run_script("train.py", "--epochs", 2, "--workdir", workdir,
+                     env={**proxy_settings(closed_port()), "TFDS_DATA_DIR": str(tfds_dir)})
     assert run.returncode == 0, run.stderr
     return workdir, run.stdout
 
@@ -415,34 +451,57 @@ def test_bad_data(tmp_path, damage, message):
     assert_clean_error(run_script("train.py", "--data-dir", folder, "--workdir", tmp_path / "w"), message)
 
 
-def test_failed_download_says_how_to_work_offline(tmp_path):
+@pytest.fixture
+def proxy(request):
+    """Proxy settings standing for the network: its port 'refuses' connections, answers 'not
+    found' to everything, or answers HEAD but 'not found' to the GET of a download."""
     import http.server
-    import threading
 
-    class NotFound(http.server.BaseHTTPRequestHandler):
+    if request.param == "refuses":
+        yield proxy_settings(closed_port())
+        return
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200 if request.param == "head only" else 404)
+            self.end_headers()
+
         def do_GET(self):
             self.send_error(404)
 
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    proxy = f"http://127.0.0.1:{server.server_address[1]}"  # fashion_mnist's URLs are plain http
-    try:
-        run = run_script("train.py", "--dataset", "fashion_mnist", "--workdir", tmp_path / "w",
-                         env={"HTTP_PROXY": proxy, "http_proxy": proxy, "TFDS_DATA_DIR": str(tmp_path)})
-    finally:
-        server.shutdown()
-    assert_clean_error(run, r"download of fashion_mnist failed .*; without network, pass --data-dir DIR")
+    yield proxy_settings(server.server_address[1])
+    server.shutdown()
+    server.server_close()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, trained, tmp_path):
+@pytest.mark.parametrize("proxy, message", [
+    ("refuses", r"cannot download fashion_mnist: .*refused"),
+    ("not found", r"cannot download fashion_mnist: Not Found"),
+    ("head only", r"download of fashion_mnist failed \(\w+\)"),
+], indirect=["proxy"])
+def test_failed_download_says_how_to_work_offline_at_once(tmp_path, proxy, message):
+    """Without network TFDS retries for minutes with a warning per try; train.py asks first."""
+    start = time.perf_counter()
+    run = run_script("train.py", "--dataset", "fashion_mnist", "--workdir", tmp_path / "w",
+                     env={**proxy, "TFDS_DATA_DIR": str(tmp_path)})  # fashion_mnist's URLs are plain http
+    assert time.perf_counter() - start < 20
+    assert_clean_error(run, message + r"; without network, pass --data-dir DIR with the four files")
+    assert "WARNING" not in run.stderr and "Retrying" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("learning_rate, loss", [("1e20", r"(nan|inf)"), ("1e4", r"\d\.\d+e\+\d+")])
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, trained, tmp_path, learning_rate, loss):
+    """nan, inf, or finite but far above an untrained model's 2.30."""
     workdir, _ = trained
     good = (workdir / "checkpoint.msgpack").read_bytes()
     (tmp_path / "checkpoint.msgpack").write_bytes(good)
-    run = run_script("train.py", "--learning-rate", "1e20", "--data-dir", data_dir, "--workdir", tmp_path)
-    assert_clean_error(run, r"the loss became (nan|inf) in epoch 1; lower --learning-rate")
+    run = run_script("train.py", "--learning-rate", learning_rate, "--data-dir", data_dir, "--workdir", tmp_path)
+    assert_clean_error(run, rf"the loss became {loss} in epoch 1; lower --learning-rate")
     assert (tmp_path / "checkpoint.msgpack").read_bytes() == good
 
 
