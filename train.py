@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 import optax
 from flax import serialization
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -112,7 +114,8 @@ def train_epoch(state, mesh, images, labels, config, epoch):
                                            epoch, STEPS_PER_CALL)
     steps = len(images) // config["batch_size"]
     start, in_flight = time.perf_counter(), []
-    with tqdm(total=steps, disable=not sys.stderr.isatty(), leave=False, unit="step") as bar:
+    with tqdm(total=steps, disable=not sys.stderr.isatty() or jax.process_index() > 0, leave=False,
+              unit="step") as bar:
         for stack_images, stack_labels in batches:
             state, sums = train_steps(state, sums, shard(mesh, P(None, "batch"), stack_images),
                                       shard(mesh, P(None, "batch"), stack_labels))
@@ -235,9 +238,23 @@ def parse_args(argv=None):
                         "default: download through TFDS")
     parser.add_argument("--workdir", default="./workdir", help="where checkpoint, history and plot go")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (one process per host)")
-    return parser.parse_args(argv)
+    parser.add_argument("--distributed", action="store_true", help="one of several processes (one per "
+                        "host): jax.distributed finds the others on Cloud TPU, SLURM, Open MPI, Kubernetes")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="with --num-processes and --process-id: where process 0 listens")
+    parser.add_argument("--num-processes", type=positive(int), help="how many processes train together")
+    parser.add_argument("--process-id", type=int, help="this process's number, 0 to --num-processes - 1")
+    parser.add_argument("--peer-timeout", type=positive(int), default=60, help="seconds to wait for the "
+                        "coordinator at start, and for a silent process before the others stop")
+    args = parser.parse_args(argv)
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in explicit):
+        if None in explicit:
+            parser.error("--coordinator, --num-processes and --process-id go together")
+        if not 0 <= args.process_id < args.num_processes:
+            parser.error(f"--process-id must be 0 to {args.num_processes - 1}, got {args.process_id}")
+        args.distributed = True
+    return args
 
 
 def train(args, interrupted):
@@ -261,18 +278,21 @@ def train(args, interrupted):
     if config["batch_size"] > len(train_images):
         raise TrainingError(f"--batch-size {config['batch_size']} is larger than the "
                             f"{len(train_images)} training images")
-    if args.resume:
+    if args.resume and writer:
         state, done, saved_config, history = load_checkpoint(checkpoint_path)
         changed = [f"--{k.replace('_', '-')} {config[k]} (checkpoint: {saved_config[k]})"
                    for k in CONFIG_KEYS if config[k] != saved_config[k]]
         if changed:
             raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
-        first_epoch = done + 1
         if done >= args.epochs:
             print(f"{checkpoint_path} already holds epoch {done}; pass a larger --epochs to go on")
     else:
-        state, first_epoch, history = create_train_state(args.seed, args.learning_rate, args.momentum), 1, []
-    state = jax.device_put(state, NamedSharding(mesh, P()))
+        state, done, history = create_train_state(args.seed, args.learning_rate, args.momentum), 0, []
+    if args.resume:
+        # Process 0 alone writes checkpoints, so it alone reads one and sends it to the others:
+        # their hosts need no shared --workdir.
+        state, done = multihost_utils.broadcast_one_to_all((state, done))
+    state, first_epoch = jax.device_put(state, NamedSharding(mesh, P())), int(done) + 1
     for epoch in range(first_epoch, args.epochs + 1):
         if interrupted.is_set():
             raise KeyboardInterrupt
@@ -293,6 +313,35 @@ def train(args, interrupted):
     return state
 
 
+def wait_for_coordinator(address, seconds):
+    """Returns once something listens at HOST:PORT; TrainingError after `seconds`. JAX's own
+    client aborts the process with a stack trace when it cannot reach the coordinator."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise TrainingError(f"cannot reach the coordinator at {address} within {seconds} s ({e}); "
+                                    f"start process 0 there, or fix --coordinator") from None
+            time.sleep(0.2)
+
+
+def start_distributed(args):
+    """jax.distributed.initialize with the flags' settings, or what it detects where they are unset."""
+    if args.coordinator and args.process_id > 0:  # process 0 is the coordinator
+        wait_for_coordinator(args.coordinator, args.peer_timeout)
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                   initialization_timeout=args.peer_timeout,
+                                   heartbeat_timeout_seconds=args.peer_timeout,
+                                   shutdown_timeout_seconds=args.peer_timeout)
+    except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
+        raise TrainingError(f"jax.distributed could not start: {str(e).splitlines()[0]}") from None
+
+
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
@@ -308,17 +357,30 @@ def main(argv=None):
         signal.signal(signum, interrupt)
     try:
         if args.distributed:
-            jax.distributed.initialize()
+            start_distributed(args)
         train(args, interrupted)
+        return
     except (TrainingError, input_pipeline.DataError) as e:
-        sys.exit(f"error: {e}")
+        message = f"error: {e}"
     except KeyboardInterrupt:
         path = os.path.join(args.workdir, CHECKPOINT)
         try:
-            saved = f"last checkpoint: {path} (epoch {read_checkpoint(path)['epoch']})"
+            message = f"interrupted; last checkpoint: {path} (epoch {read_checkpoint(path)['epoch']})"
         except TrainingError:
-            saved = "no checkpoint was saved yet"
-        sys.exit(f"interrupted; {saved}")
+            message = "interrupted; no checkpoint was saved yet"
+    except (jax.errors.JaxRuntimeError, ValueError) as e:  # a collective whose peer is gone (Gloo: ValueError)
+        if not args.distributed:
+            raise
+        message = (f"error: process {jax.process_index()} lost another process ({str(e).splitlines()[0]}); "
+                   f"once all are up again, continue with --resume")
+    if args.distributed:
+        # jax.distributed's exit handler waits for every process at a barrier, and aborts with a
+        # stack trace when one is gone; leaving without it also closes our connections at once,
+        # which stops the other processes too.
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.exit(message)
 
 
 if __name__ == "__main__":
