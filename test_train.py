@@ -415,6 +415,8 @@ def assert_clean_error(run, message):
     (["--learning-rate", "-0.1"], r"--learning-rate: must be greater than 0"),
     (["--dataset", "cifar10"], r"--dataset: invalid choice: 'cifar10'"),
     (["--batch-size", "641"], r"--batch-size 641 is larger than the 640 training images"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], r"--process-id must be 0 to 1, got 2"),
+    (["--coordinator", "127.0.0.1:1"], r"--coordinator, --num-processes and --process-id go together"),
 ])
 def test_bad_flags(data_dir, tmp_path, flags, message):
     assert_clean_error(run_script("train.py", "--data-dir", data_dir, "--workdir", tmp_path, *flags), message)
@@ -610,3 +612,103 @@ def test_infer_bad_image(trained, tmp_path, content, message):
         (tmp_path / "x.png").write_bytes(content)
     run = run_script("infer.py", "--ckpt", trained[0] / "checkpoint.msgpack", "--image", tmp_path / "x.png")
     assert_clean_error(run, message)
+
+
+# --- several processes (jax.distributed over Gloo on 127.0.0.1) ---
+
+def start_processes(workdirs, *args, env=None):
+    """One train.py process per workdir, together one jax.distributed run on 127.0.0.1."""
+    coordinator = f"127.0.0.1:{closed_port()}"
+    return [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--coordinator", coordinator,
+                              "--num-processes", str(len(workdirs)), "--process-id", str(i), "--peer-timeout",
+                              "20", "--workdir", str(workdir), *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                             env={**os.environ, **(env or {})})
+            for i, workdir in enumerate(workdirs)]
+
+
+def finish(processes, timeout=120):
+    """[(returncode, stdout, stderr)] of each process; all are killed if one outlives timeout."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+        return [(p.returncode, *output) for p, output in zip(processes, outputs)]
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+
+
+def run_processes(workdirs, *args, env=None):
+    """A jax.distributed run to its end, each process successful; [(stdout, stderr)] of each."""
+    processes = start_processes(workdirs, *args, env=env)
+    outputs = finish(processes)
+    for process, (_, _, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr
+    return [(stdout, stderr) for _, stdout, stderr in outputs]
+
+
+def assert_same_log(lines, expected):
+    """Two epoch logs agree: the same lines, numbers within 1e-4 relative."""
+    assert [line[:2] for line in lines] == [line[:2] for line in expected]
+    for (_, _, loss, accuracy), (_, _, expected_loss, expected_accuracy) in zip(lines, expected):
+        assert loss == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
+        assert accuracy == pytest.approx(expected_accuracy, rel=1e-4)
+
+
+@pytest.fixture(scope="session")
+def two_processes(data_dir, tmp_path_factory):
+    """The workdirs and [(stdout, stderr)] of a 3-epoch run of two processes, one CPU device each."""
+    workdirs = [tmp_path_factory.mktemp("two_processes") / f"process{i}" for i in range(2)]
+    return workdirs, run_processes(workdirs, "--epochs", 3, "--data-dir", data_dir)
+
+
+def test_two_processes_print_the_log_of_one(trained, two_processes):
+    workdirs, ((stdout0, _), (stdout1, _)) = two_processes
+    assert_same_log(epoch_lines(stdout0)[:4], epoch_lines(trained[1]))
+    assert [line[:2] for line in epoch_lines(stdout0)][4:] == [("train", 3), ("test", 3)]
+    assert epoch_lines(stdout1) == [] and "epoch" not in stdout1
+    assert sorted(os.listdir(workdirs[0])) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert not workdirs[1].exists()
+
+
+def test_two_processes_with_two_devices_each(data_dir, trained, tmp_path):
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    (stdout, _), _ = run_processes(workdirs, "--epochs", 1, "--data-dir", data_dir,
+                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert_same_log(epoch_lines(stdout), epoch_lines(trained[1])[:2])
+
+
+def test_resume_across_two_processes(data_dir, trained, two_processes, tmp_path):
+    """From epoch 2 (process 0 reads the checkpoint and sends it to process 1) to epoch 3."""
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    workdirs[0].mkdir()
+    (workdirs[0] / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
+    (stdout, _), (stdout1, _) = run_processes(workdirs, "--resume", "--epochs", 3, "--data-dir", data_dir)
+    assert_same_log(epoch_lines(stdout), epoch_lines(two_processes[1][0][0])[4:])
+    assert epoch_lines(stdout1) == [] and not workdirs[1].exists()
+
+
+def test_killed_process_stops_the_other(data_dir, tmp_path):
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    processes = start_processes(workdirs, "--epochs", 1000, "--data-dir", data_dir)
+    try:
+        while "epoch 2 time" not in processes[0].stdout.readline():
+            assert processes[0].poll() is None, processes[0].stderr.read()
+        processes[1].kill()
+        killed = time.perf_counter()
+        _, stderr = processes[0].communicate(timeout=30)
+        seconds = time.perf_counter() - killed
+    finally:
+        finish(processes)
+    assert seconds < 10
+    assert_clean_error(subprocess.CompletedProcess([], processes[0].returncode, "", stderr),
+                       r"^error: process 0 lost another process \(.*\); once all are up again, continue with --resume$")
+    assert train.load_checkpoint(str(workdirs[0] / "checkpoint.msgpack"))[1] >= 2
+
+
+def test_unreachable_coordinator(data_dir, tmp_path):
+    start = time.perf_counter()
+    run = run_script("train.py", "--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes", 2,
+                     "--process-id", 1, "--peer-timeout", 2, "--data-dir", data_dir, "--workdir", tmp_path)
+    assert time.perf_counter() - start < 15
+    assert_clean_error(run, r"cannot reach the coordinator at 127.0.0.1:\d+ within 2 s .*start process 0 there")
