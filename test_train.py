@@ -58,11 +58,14 @@ def write_dataset(folder, num_train=640, num_test=203, gz=True):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """The scripts run in subprocesses share a JAX compilation cache, so most skip compiling."""
+    """The scripts run in subprocesses share a JAX compilation cache, so most skip compiling,
+    and share a GPU if there is one."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
         patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        # On a GPU the test process and each script would otherwise take 75% of its memory.
+        patch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         yield
 
 
@@ -182,12 +185,32 @@ def test_train_epoch_metrics_match_numpy(data_dir):
     params = jax.device_get(state.params)  # a copy: train_epoch donates the state's buffers
     config = {"batch_size": 32, "seed": 0}
     _, (loss, accuracy, _) = train.train_epoch(jax.device_put(state, NamedSharding(mesh, P())),
-                                               mesh, images, labels, config, 1)
+                                               mesh, images, labels, config, 1, train.CALLS["cpu"])
     seen = np.concatenate([b[1].ravel() for b in input_pipeline.train_batches(
         np.arange(300), np.arange(300), 32, 0, 1, 5)])
     expected_loss, expected_accuracy = numpy_metrics(params, images[seen], labels[seen])
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     assert accuracy == pytest.approx(expected_accuracy, abs=1e-9)
+
+
+def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir):
+    """The accelerators' way (a rolled scan over many steps per call) forced on the CPU: the
+    same metrics and parameters as XLA:CPU's 5 unrolled steps per call."""
+    images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
+    mesh = train.make_mesh()
+    config = {"batch_size": 32, "seed": 0}
+    results = []
+    for calls in (train.CALLS["cpu"], (12, False)):  # 20 steps: 4 calls of 5, or 12 + 8
+        state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
+        state, metrics = train.train_epoch(state, mesh, images, labels, config, 1, calls)
+        results.append((jax.device_get(state.params), metrics[:2]))
+    (params, metrics), (rolled_params, rolled_metrics) = results
+    assert rolled_metrics == pytest.approx(metrics, rel=1e-5)
+    test_images, test_labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
+    assert train.evaluate(rolled_params, mesh, test_images, test_labels) == pytest.approx(
+        train.evaluate(params, mesh, test_images, test_labels), rel=1e-4)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rolled_params)):  # sums in another order
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
 
 
 def test_one_train_step_lowers_the_loss(data_dir):
@@ -560,11 +583,16 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, traine
 
 # --- data parallel over several devices ---
 
+def cpu_devices(count):
+    """Environment for `count` simulated CPU devices, also where a GPU is the default backend."""
+    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+
+
 def test_several_devices_give_the_metrics_of_one(data_dir, trained, tmp_path):
     one_device = json.loads((trained[0] / "history.json").read_text())[0]  # epoch 1 of the same run
     for devices in (2, 4):
         run = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / str(devices),
-                         env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                         env=cpu_devices(devices))
         assert run.returncode == 0, run.stderr
         history = json.loads((tmp_path / str(devices) / "history.json").read_text())[0]
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
@@ -573,7 +601,7 @@ def test_several_devices_give_the_metrics_of_one(data_dir, trained, tmp_path):
 
 def test_batch_size_not_divisible_by_devices(data_dir, tmp_path):
     run = run_script("train.py", "--batch-size", 30, "--data-dir", data_dir, "--workdir", tmp_path,
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                     env=cpu_devices(4))
     assert_clean_error(run, r"--batch-size 30 is not divisible by the 4 devices; pick a multiple of 4")
 
 
@@ -623,7 +651,7 @@ def start_processes(workdirs, *args, env=None):
                               "--num-processes", str(len(workdirs)), "--process-id", str(i), "--peer-timeout",
                               "20", "--workdir", str(workdir), *map(str, args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                             env={**os.environ, **(env or {})})
+                             env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})  # one GPU: Gloo on CPU
             for i, workdir in enumerate(workdirs)]
 
 
@@ -674,7 +702,7 @@ def test_two_processes_print_the_log_of_one(trained, two_processes):
 def test_two_processes_with_two_devices_each(data_dir, trained, tmp_path):
     workdirs = [tmp_path / "0", tmp_path / "1"]
     (stdout, _), _ = run_processes(workdirs, "--epochs", 1, "--data-dir", data_dir,
-                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                                   env=cpu_devices(2))
     assert_same_log(epoch_lines(stdout), epoch_lines(trained[1])[:2])
 
 

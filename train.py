@@ -4,6 +4,7 @@ Data parallel over every device (jax.sharding): batches are split along the batc
 parameters and optimizer state are replicated, and jit inserts the gradient all-reduce.
 """
 import argparse
+import ctypes
 import functools
 import io
 import json
@@ -29,11 +30,20 @@ from tqdm import tqdm
 import input_pipeline
 from model import CNN
 
-# XLA:CPU hands dots, elementwise ops and reductions to the YNNPACK library: a train step at
-# batch 32 went from 10.7 to 8.0 ms on 2 cores (README). Only XLA:CPU reads this option.
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-               "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE"}
-STEPS_PER_CALL = 5  # train steps fused into one jitted call: fewer dispatches, XLA fuses across steps
+XLA_OPTIONS = {
+    # XLA:CPU hands dots, elementwise ops and reductions to the YNNPACK library: a train step at
+    # batch 32 went from 10.7 to 8.0 ms on 2 cores (README). Other backends ignore it.
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
+    # XLA:GPU sums in a fixed order, so that a rerun or --resume prints the same numbers.
+    "xla_gpu_deterministic_ops": True,
+}
+# Train steps per jitted call (a lax.scan over a stack of batches), and whether the scan is
+# unrolled, by backend. XLA:CPU: 5 unrolled, the measured best (README); a rolled scan is 8x
+# slower there. GPUs and TPUs: a long rolled scan, so that the host's loop and its transfers
+# (numpy batches, one call at a time) stop setting the pace.
+CALLS = {"cpu": (5, True)}
+ACCELERATOR_CALLS = (500, False)
 EVAL_BATCH_SIZE = 1000
 # Guessing gives a loss of ln 10 = 2.30. An epoch that averages far above it has diverged
 # (--learning-rate 1e4: 8.9e15 in epoch 1); healthy runs average at most 0.51 in epoch 1
@@ -80,15 +90,15 @@ def train_step(state, images, labels):
     return state.apply_gradients(grads=grads), metric_sums(batch_logits, labels, jnp.ones(labels.shape))
 
 
-@functools.partial(jax.jit, donate_argnums=0, compiler_options=CPU_OPTIONS)
-def train_steps(state, sums, images, labels):
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="unroll", compiler_options=XLA_OPTIONS)
+def train_steps(state, sums, images, labels, unroll=True):
     """train_step over a stack of batches [k, B, ...]; adds their metric sums to `sums`."""
     state, batch_sums = jax.lax.scan(lambda s, batch: train_step(s, *batch), state,
-                                     (images, labels), unroll=True)
+                                     (images, labels), unroll=unroll)
     return state, sums + batch_sums.sum(0)
 
 
-@functools.partial(jax.jit, compiler_options=CPU_OPTIONS)
+@functools.partial(jax.jit, compiler_options=XLA_OPTIONS)
 def eval_step(params, images, labels, mask):
     """Metric sums of one padded evaluation batch."""
     return metric_sums(logits(params, images), labels, mask)
@@ -107,18 +117,20 @@ def shard(mesh, spec, array):
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
 
 
-def train_epoch(state, mesh, images, labels, config, epoch):
-    """One pass over the training set; returns the state and [loss, accuracy %, seconds]."""
+def train_epoch(state, mesh, images, labels, config, epoch, calls):
+    """One pass over the training set in jitted calls of `calls` = (steps, unrolled); returns
+    the state and [loss, accuracy %, seconds]."""
+    steps_per_call, unroll = calls
     sums = jax.device_put(jnp.zeros(3), NamedSharding(mesh, P()))
     batches = input_pipeline.train_batches(images, labels, config["batch_size"], config["seed"],
-                                           epoch, STEPS_PER_CALL)
+                                           epoch, steps_per_call)
     steps = len(images) // config["batch_size"]
     start, in_flight = time.perf_counter(), []
     with tqdm(total=steps, disable=not sys.stderr.isatty() or jax.process_index() > 0, leave=False,
               unit="step") as bar:
         for stack_images, stack_labels in batches:
             state, sums = train_steps(state, sums, shard(mesh, P(None, "batch"), stack_images),
-                                      shard(mesh, P(None, "batch"), stack_labels))
+                                      shard(mesh, P(None, "batch"), stack_labels), unroll)
             # Keep two calls in flight, not the whole epoch: XLA:CPU with several devices on few
             # cores deadlocks with a deep queue, and a NaN loss stops the run within a few steps.
             in_flight.append(sums)
@@ -293,11 +305,12 @@ def train(args, interrupted):
         # their hosts need no shared --workdir.
         state, done = multihost_utils.broadcast_one_to_all((state, done))
     state, first_epoch = jax.device_put(state, NamedSharding(mesh, P())), int(done) + 1
+    calls = CALLS.get(jax.default_backend(), ACCELERATOR_CALLS)
     for epoch in range(first_epoch, args.epochs + 1):
         if interrupted.is_set():
             raise KeyboardInterrupt
         state, (train_loss, train_accuracy, seconds) = train_epoch(
-            state, mesh, train_images, train_labels, config, epoch)
+            state, mesh, train_images, train_labels, config, epoch, calls)
         test_loss, test_accuracy = evaluate(state.params, mesh, *data["test"])
         history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
                         "test_loss": test_loss, "test_accuracy": test_accuracy, "epoch_time": seconds})
@@ -342,9 +355,20 @@ def start_distributed(args):
         raise TrainingError(f"jax.distributed could not start: {str(e).splitlines()[0]}") from None
 
 
+def limit_malloc_arenas():
+    """On glibc each thread of XLA's may get a malloc arena of its own, and memory freed there is
+    not reused by the others: two arenas cut the peak of 3 epochs from 624 to 526 MB (README)."""
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; before XLA starts its threads
+        except AttributeError:  # a C library without mallopt
+            pass
+
+
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
+    limit_malloc_arenas()
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
