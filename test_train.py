@@ -74,11 +74,34 @@ def data_dir(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-def run_script(script, *args, env=None, timeout=300):
+def start_script(script, *args, env=None, stderr=subprocess.PIPE):
+    """Starts one of the scripts as a user would, with its output piped."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, cwd=HERE, env={**os.environ, **(env or {})})
+
+
+def finish(processes, timeout=300):
+    """The CompletedProcess of each started process; all are killed if one outlives timeout."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+
+
+def run_script(script, *args, env=None):
     """Runs one of the scripts as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=HERE,
-                          env={**os.environ, **(env or {})})
+    return finish([start_script(script, *args, env=env)])[0]
+
+
+def read_until(process, text):
+    """Reads the process's stdout up to the first line that holds text; fails if it ends first."""
+    for line in process.stdout:
+        if text in line:
+            return
+    pytest.fail(f"the process ended without printing {text!r}: {process.wait()}")
 
 
 def epoch_lines(stdout):
@@ -200,7 +223,7 @@ def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir):
     mesh = train.make_mesh()
     config = {"batch_size": 32, "seed": 0}
     results = []
-    for calls in (train.CALLS["cpu"], (12, False)):  # 20 steps: 4 calls of 5, or 12 + 8
+    for calls in (train.CALLS["cpu"], (10, False)):  # 20 steps: 4 calls of 5, or 2 of 10
         state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
         state, metrics = train.train_epoch(state, mesh, images, labels, config, 1, calls)
         results.append((jax.device_get(state.params), metrics[:2]))
@@ -331,8 +354,9 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(data_dir, trained, tmp
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     (resumed_dir / "checkpoint.msgpack").write_bytes((workdir / "checkpoint.msgpack").read_bytes())
-    resumed = run_script("train.py", "--resume", "--epochs", 3, "--data-dir", data_dir, "--workdir", resumed_dir)
-    straight = run_script("train.py", "--epochs", 3, "--data-dir", data_dir, "--workdir", tmp_path / "straight")
+    resumed, straight = finish([  # side by side: two cores
+        start_script("train.py", "--resume", "--epochs", 3, "--data-dir", data_dir, "--workdir", resumed_dir),
+        start_script("train.py", "--epochs", 3, "--data-dir", data_dir, "--workdir", tmp_path / "straight")])
     assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
     assert [line[1] for line in epoch_lines(resumed.stdout)] == [3, 3]
     assert epoch_lines(two_epochs + resumed.stdout) == epoch_lines(straight.stdout)
@@ -414,8 +438,8 @@ def test_real_mnist_one_epoch_then_infer_on_pictures(tmp_path):
         big.save(drawn_path := tmp_path / f"drawn{i}.png")
         plain.append(plain_path)
         drawn.append(drawn_path)
-    for files in (plain, drawn):
-        infer_run = run_script("infer.py", "--ckpt", tmp_path / "checkpoint.msgpack", "--image", *files)
+    for infer_run in finish([start_script("infer.py", "--ckpt", tmp_path / "checkpoint.msgpack", "--image", *files)
+                             for files in (plain, drawn)]):
         assert infer_run.returncode == 0, infer_run.stderr
         guesses = [int(line.split(": ")[1][0]) for line in infer_run.stdout.strip().splitlines()]
         assert sum(g == l for g, l in zip(guesses, labels[:10])) >= 9, guesses
@@ -544,16 +568,14 @@ def test_resume_with_other_settings_is_refused(data_dir, trained, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path, sig):
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--epochs", "1000",
-                                "--data-dir", data_dir, "--workdir", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    while "epoch 2 time" not in process.stdout.readline():
-        pass
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=60)
+    process = start_script("train.py", "--epochs", 1000, "--data-dir", data_dir, "--workdir", tmp_path)
+    try:
+        read_until(process, "epoch 2 time")
+        process.send_signal(sig)
+    finally:
+        run = finish([process], timeout=60)[0]
     epoch = train.load_checkpoint(str(tmp_path / "checkpoint.msgpack"))[1]
-    assert_clean_error(subprocess.CompletedProcess([], process.returncode, "", stderr),
-                       rf"interrupted; last checkpoint: .*checkpoint.msgpack \(epoch {epoch}\)")
+    assert_clean_error(run, rf"interrupted; last checkpoint: .*checkpoint.msgpack \(epoch {epoch}\)")
 
 
 def kill_repeatedly(data_dir, workdir, kills, seed):
@@ -563,22 +585,30 @@ def kill_repeatedly(data_dir, workdir, kills, seed):
     path = str(workdir / "checkpoint.msgpack")
     epochs = []
     for _ in range(kills):
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--resume", "--epochs",
-                                    "100000", "--data-dir", data_dir, "--workdir", str(workdir)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE)
-        while "epoch" not in process.stdout.readline():  # from here on, a checkpoint write is never far
-            pass
-        time.sleep(rng.uniform(0, 0.3))
-        process.kill()
-        process.wait()
+        process = start_script("train.py", "--resume", "--epochs", 100000, "--data-dir", data_dir,
+                               "--workdir", workdir, stderr=subprocess.DEVNULL)
+        try:
+            read_until(process, "epoch")  # from here on, a checkpoint write is never far
+            time.sleep(rng.uniform(0, 0.3))
+        finally:
+            process.kill()
+            process.wait()
         epochs.append(train.load_checkpoint(path)[1])
     return epochs
 
 
 def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, trained, tmp_path):
-    (tmp_path / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
-    epochs = kill_repeatedly(data_dir, tmp_path, 20, 0)
-    assert len(epochs) == 20 and epochs == sorted(epochs) and epochs[-1] > 2
+    """20 kills: two workdirs side by side (two cores), 10 kills in a row in each."""
+    import concurrent.futures
+
+    workdirs = [tmp_path / "a", tmp_path / "b"]
+    for workdir in workdirs:
+        workdir.mkdir()
+        (workdir / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        chains = list(pool.map(lambda seed: kill_repeatedly(data_dir, workdirs[seed], 10, seed), (0, 1)))
+    for epochs in chains:
+        assert len(epochs) == 10 and epochs == sorted(epochs) and epochs[-1] > 2
 
 
 # --- data parallel over several devices ---
@@ -590,9 +620,9 @@ def cpu_devices(count):
 
 def test_several_devices_give_the_metrics_of_one(data_dir, trained, tmp_path):
     one_device = json.loads((trained[0] / "history.json").read_text())[0]  # epoch 1 of the same run
-    for devices in (2, 4):
-        run = run_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / str(devices),
-                         env=cpu_devices(devices))
+    runs = finish([start_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir",
+                                tmp_path / str(devices), env=cpu_devices(devices)) for devices in (2, 4)])
+    for devices, run in zip((2, 4), runs):
         assert run.returncode == 0, run.stderr
         history = json.loads((tmp_path / str(devices) / "history.json").read_text())[0]
         for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
@@ -645,34 +675,21 @@ def test_infer_bad_image(trained, tmp_path, content, message):
 # --- several processes (jax.distributed over Gloo on 127.0.0.1) ---
 
 def start_processes(workdirs, *args, env=None):
-    """One train.py process per workdir, together one jax.distributed run on 127.0.0.1."""
+    """One train.py process per workdir, together one jax.distributed run on 127.0.0.1 (on CPU,
+    also where there is a GPU: one GPU cannot be shared, and Gloo is JAX's CPU transport)."""
     coordinator = f"127.0.0.1:{closed_port()}"
-    return [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--coordinator", coordinator,
-                              "--num-processes", str(len(workdirs)), "--process-id", str(i), "--peer-timeout",
-                              "20", "--workdir", str(workdir), *map(str, args)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-                             env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})  # one GPU: Gloo on CPU
+    return [start_script("train.py", "--coordinator", coordinator, "--num-processes", len(workdirs),
+                         "--process-id", i, "--peer-timeout", 20, "--workdir", workdir, *args,
+                         env={"JAX_PLATFORMS": "cpu", **(env or {})})
             for i, workdir in enumerate(workdirs)]
 
 
-def finish(processes, timeout=120):
-    """[(returncode, stdout, stderr)] of each process; all are killed if one outlives timeout."""
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in processes]
-        return [(p.returncode, *output) for p, output in zip(processes, outputs)]
-    finally:
-        for p in processes:
-            p.kill()
-            p.wait()
-
-
 def run_processes(workdirs, *args, env=None):
-    """A jax.distributed run to its end, each process successful; [(stdout, stderr)] of each."""
-    processes = start_processes(workdirs, *args, env=env)
-    outputs = finish(processes)
-    for process, (_, _, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr
-    return [(stdout, stderr) for _, stdout, stderr in outputs]
+    """A jax.distributed run to its end, each process successful; the CompletedProcess of each."""
+    runs = finish(start_processes(workdirs, *args, env=env), timeout=120)
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    return runs
 
 
 def assert_same_log(lines, expected):
@@ -685,25 +702,24 @@ def assert_same_log(lines, expected):
 
 @pytest.fixture(scope="session")
 def two_processes(data_dir, tmp_path_factory):
-    """The workdirs and [(stdout, stderr)] of a 3-epoch run of two processes, one CPU device each."""
+    """The workdirs and CompletedProcesses of a 3-epoch run of two processes, one CPU device each."""
     workdirs = [tmp_path_factory.mktemp("two_processes") / f"process{i}" for i in range(2)]
     return workdirs, run_processes(workdirs, "--epochs", 3, "--data-dir", data_dir)
 
 
 def test_two_processes_print_the_log_of_one(trained, two_processes):
-    workdirs, ((stdout0, _), (stdout1, _)) = two_processes
-    assert_same_log(epoch_lines(stdout0)[:4], epoch_lines(trained[1]))
-    assert [line[:2] for line in epoch_lines(stdout0)][4:] == [("train", 3), ("test", 3)]
-    assert epoch_lines(stdout1) == [] and "epoch" not in stdout1
+    workdirs, (process0, process1) = two_processes
+    assert_same_log(epoch_lines(process0.stdout)[:4], epoch_lines(trained[1]))
+    assert [line[:2] for line in epoch_lines(process0.stdout)][4:] == [("train", 3), ("test", 3)]
+    assert "epoch" not in process1.stdout
     assert sorted(os.listdir(workdirs[0])) == ["checkpoint.msgpack", "history.json", "metrics.png"]
     assert not workdirs[1].exists()
 
 
 def test_two_processes_with_two_devices_each(data_dir, trained, tmp_path):
     workdirs = [tmp_path / "0", tmp_path / "1"]
-    (stdout, _), _ = run_processes(workdirs, "--epochs", 1, "--data-dir", data_dir,
-                                   env=cpu_devices(2))
-    assert_same_log(epoch_lines(stdout), epoch_lines(trained[1])[:2])
+    process0, _ = run_processes(workdirs, "--epochs", 1, "--data-dir", data_dir, env=cpu_devices(2))
+    assert_same_log(epoch_lines(process0.stdout), epoch_lines(trained[1])[:2])
 
 
 def test_resume_across_two_processes(data_dir, trained, two_processes, tmp_path):
@@ -711,26 +727,24 @@ def test_resume_across_two_processes(data_dir, trained, two_processes, tmp_path)
     workdirs = [tmp_path / "0", tmp_path / "1"]
     workdirs[0].mkdir()
     (workdirs[0] / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
-    (stdout, _), (stdout1, _) = run_processes(workdirs, "--resume", "--epochs", 3, "--data-dir", data_dir)
-    assert_same_log(epoch_lines(stdout), epoch_lines(two_processes[1][0][0])[4:])
-    assert epoch_lines(stdout1) == [] and not workdirs[1].exists()
+    process0, process1 = run_processes(workdirs, "--resume", "--epochs", 3, "--data-dir", data_dir)
+    assert_same_log(epoch_lines(process0.stdout), epoch_lines(two_processes[1][0].stdout)[4:])
+    assert "epoch" not in process1.stdout and not workdirs[1].exists()
 
 
 def test_killed_process_stops_the_other(data_dir, tmp_path):
     workdirs = [tmp_path / "0", tmp_path / "1"]
     processes = start_processes(workdirs, "--epochs", 1000, "--data-dir", data_dir)
     try:
-        while "epoch 2 time" not in processes[0].stdout.readline():
-            assert processes[0].poll() is None, processes[0].stderr.read()
+        read_until(processes[0], "epoch 2 time")
         processes[1].kill()
         killed = time.perf_counter()
-        _, stderr = processes[0].communicate(timeout=30)
+        processes[0].wait(timeout=30)
         seconds = time.perf_counter() - killed
     finally:
-        finish(processes)
+        survivor, _ = finish(processes)
     assert seconds < 10
-    assert_clean_error(subprocess.CompletedProcess([], processes[0].returncode, "", stderr),
-                       r"^error: process 0 lost another process \(.*\); once all are up again, continue with --resume$")
+    assert_clean_error(survivor, r"^error: process 0 lost another process \(.*\); once all are up again, continue with --resume$")
     assert train.load_checkpoint(str(workdirs[0] / "checkpoint.msgpack"))[1] >= 2
 
 

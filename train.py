@@ -57,15 +57,13 @@ class TrainingError(Exception):
     """Training cannot start or go on; the message says why and what to do."""
 
 
+@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum"))  # one compilation, not one per op
 def create_train_state(seed, learning_rate, momentum):
     """A fresh TrainState: CNN parameters from jax.random.key(seed), SGD with momentum."""
     model = CNN()
-
-    def init(key):
-        params = model.init(key, jnp.ones([1, 28, 28, 1]))["params"]
-        return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                             tx=optax.sgd(learning_rate, momentum))
-    return jax.jit(init)(jax.random.key(seed))  # one compilation, not one per operation
+    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                         tx=optax.sgd(learning_rate, momentum))
 
 
 def logits(params, images):
