@@ -23,6 +23,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import input_pipeline
+import outputs
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -197,7 +198,7 @@ def main():
         workdir = os.path.join(tmp, "workdir")
         train_seconds, train_mb = time_process(["train.py", "--epochs", "1", "--data-dir", data_dir,
                                                 "--workdir", workdir])
-        infer_seconds, _ = time_process(["infer.py", "--ckpt", os.path.join(workdir, train.CHECKPOINT),
+        infer_seconds, _ = time_process(["infer.py", "--ckpt", os.path.join(workdir, outputs.CHECKPOINT),
                                          "--data-dir", data_dir], until="test epoch")
         figures.update(train_1_epoch_seconds=train_seconds, train_peak_mb=train_mb,
                        infer_to_accuracy_seconds=infer_seconds)

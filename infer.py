@@ -11,9 +11,10 @@ import jax
 import numpy as np
 
 import input_pipeline
+import outputs
 import train
 
-DEFAULT_CHECKPOINT = os.path.join("workdir", train.CHECKPOINT)
+DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 
 
 class ImageError(Exception):
@@ -60,18 +61,16 @@ def predict(params, images):
 
 def save_grid(path, images, predicted, labels):
     """The quick start's 5x5 picture: each image titled with its prediction, wrong ones in red."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, axs = plt.subplots(5, 5, figsize=(12, 12))
+    fig = Figure(figsize=(12, 12))
+    axs = fig.subplots(5, 5)
     for ax, image, guess, label in zip(axs.flatten(), images, predicted, labels):
         ax.imshow(image[..., 0], cmap="gray")
         ax.set_title(f"label={guess}" + ("" if guess == label else f" (true {label})"),
                      color="black" if guess == label else "red")
         ax.axis("off")
     fig.savefig(path)
-    plt.close(fig)
 
 
 def parse_args(argv=None):
@@ -112,7 +111,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (train.TrainingError, input_pipeline.DataError, ImageError) as e:
+    except (outputs.CheckpointError, input_pipeline.DataError, ImageError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. --out in a folder that does not exist
         sys.exit(f"error: {e.filename or ''}: {e.strerror}")

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import input_pipeline
+import outputs
 import train
 from model import CNN
 
@@ -83,8 +84,8 @@ def start_script(script, *args, env=None, stderr=subprocess.PIPE):
 def finish(processes, timeout=300):
     """The CompletedProcess of each started process; all are killed if one outlives timeout."""
     try:
-        outputs = [p.communicate(timeout=timeout) for p in processes]
-        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, outputs)]
+        results = [p.communicate(timeout=timeout) for p in processes]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, results)]
     finally:
         for p in processes:
             p.kill()
@@ -273,6 +274,16 @@ def test_cli_end_to_end_is_deterministic(data_dir, trained, tmp_path):
     assert epoch == 2 and config["dataset"] == "mnist" and saved_history == history
 
 
+def test_plot_ticks_whole_epochs():
+    history = [{"epoch": e, "train_loss": 1 / e, "test_loss": 1 / e, "train_accuracy": 90 + e,
+                "test_accuracy": 90 + e} for e in (1, 2, 3)]
+    fig = outputs.plot_history(history)
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert len(ticks) >= 2 and all(t == int(t) for t in ticks), ticks
+
+
 def test_model_summary_prints_parameter_count():
     run = run_script("model.py")
     assert run.returncode == 0 and "824,458" in run.stdout
@@ -326,7 +337,7 @@ def test_checkpoint_round_trip(tmp_path):
     state = state.replace(opt_state=jax.tree.map(lambda a: a + 1, state.opt_state), step=7)
     config = {"dataset": "mnist", "batch_size": 16, "learning_rate": 0.05, "momentum": 0.5, "seed": 3}
     history = [{"epoch": 4, "train_loss": 0.5, "test_accuracy": 91.25}]
-    train.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
+    outputs.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
     loaded, epoch, loaded_config, loaded_history = train.load_checkpoint(str(tmp_path / "c"))
     assert (epoch, loaded_config, loaded_history, int(loaded.step)) == (4, config, history, 7)
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
@@ -337,14 +348,14 @@ def test_checkpoint_round_trip(tmp_path):
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "c")
     config = {"dataset": "mnist", "batch_size": 32, "learning_rate": 0.01, "momentum": 0.9, "seed": 0}
-    train.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 1, config, [])
+    outputs.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 1, config, [])
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
     with pytest.raises(OSError):
-        train.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, config, [])
+        outputs.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, config, [])
     assert train.load_checkpoint(path)[1] == 1
     assert os.listdir(tmp_path) == ["c"]
 

@@ -6,8 +6,6 @@ parameters and optimizer state are replicated, and jit inserts the gradient all-
 import argparse
 import ctypes
 import functools
-import io
-import json
 import math
 import os
 import signal
@@ -28,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import input_pipeline
+import outputs
 from model import CNN
 
 XLA_OPTIONS = {
@@ -49,7 +48,6 @@ EVAL_BATCH_SIZE = 1000
 # (--learning-rate 1e4: 8.9e15 in epoch 1); healthy runs average at most 0.51 in epoch 1
 # (learning rates 0.001 to 0.1 on MNIST, README).
 DIVERGED_LOSS = 10 * math.log(10)
-CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
 CONFIG_KEYS = ("dataset", "batch_size", "learning_rate", "momentum", "seed")
 
 
@@ -150,75 +148,20 @@ def evaluate(params, mesh, images, labels):
     return [float(loss_sum / count), float(100 * correct / count)]
 
 
-def write_atomic(path, data):
-    """Writes bytes to path via a temp file and os.replace: readers see the old or the new file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path, state, epoch, config, history):
-    """Everything needed to use or resume the run, as one msgpack file."""
-    checkpoint = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
-                  "config": config, "history": history}
-    write_atomic(path, serialization.msgpack_serialize(checkpoint))
-
-
-def read_checkpoint(path):
-    """The raw checkpoint dict; TrainingError naming the file when it is missing or broken."""
-    try:
-        with open(path, "rb") as f:
-            checkpoint = serialization.msgpack_restore(f.read())
-        if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"} \
-                or set(checkpoint["config"]) != set(CONFIG_KEYS):
-            raise ValueError
-        return checkpoint
-    except OSError as e:
-        raise TrainingError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    except Exception:  # msgpack raises many unrelated types on foreign or truncated bytes
-        raise TrainingError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
-
-
 def load_checkpoint(path):
     """(state, epoch, config, history) of a checkpoint, checked against the model's shapes."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = outputs.read_checkpoint(path)
     config = checkpoint["config"]
+    if set(config) != set(CONFIG_KEYS):
+        raise outputs.CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated")
     # The shapes alone: eval_shape traces create_train_state without compiling or running it.
     target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"],
                                                        config["momentum"]))
     saved, expected = checkpoint["state"], serialization.to_state_dict(target)
     if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
             np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
-        raise TrainingError(f"{path} does not fit this model (other parameter shapes)")
+        raise outputs.CheckpointError(f"{path} does not fit this model (other parameter shapes)")
     return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
-
-
-def save_plot(path, history):
-    """The quick start's two panels: loss and accuracy per epoch, train and test."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(15, 5))
-    epochs = [h["epoch"] for h in history]
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_title(metric.capitalize())
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        for split in ("train", "test"):
-            ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], label=f"{split}_{metric}")
-        ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
 
 
 def positive(kind):
@@ -276,7 +219,7 @@ def train(args, interrupted):
         raise TrainingError(f"--batch-size {config['batch_size']} is not divisible by the "
                             f"{jax.device_count()} devices; pick a multiple of {jax.device_count()}")
     writer = jax.process_index() == 0
-    checkpoint_path = os.path.join(args.workdir, CHECKPOINT)
+    checkpoint_path = os.path.join(args.workdir, outputs.CHECKPOINT)
     if writer:
         try:
             os.makedirs(args.workdir, exist_ok=True)
@@ -318,9 +261,7 @@ def train(args, interrupted):
             print(f"epoch {epoch} time: {seconds:.2f} s, "
                   f"{len(train_labels) // config['batch_size'] * config['batch_size'] / seconds:.0f} images/s",
                   flush=True)
-            save_checkpoint(checkpoint_path, state, epoch, config, history)
-            write_atomic(os.path.join(args.workdir, HISTORY), json.dumps(history, indent=1).encode())
-            save_plot(os.path.join(args.workdir, PLOT), history)
+            outputs.save(args.workdir, state, epoch, config, history)
     return state
 
 
@@ -382,13 +323,13 @@ def main(argv=None):
             start_distributed(args)
         train(args, interrupted)
         return
-    except (TrainingError, input_pipeline.DataError) as e:
+    except (TrainingError, outputs.CheckpointError, input_pipeline.DataError) as e:
         message = f"error: {e}"
     except KeyboardInterrupt:
-        path = os.path.join(args.workdir, CHECKPOINT)
+        path = os.path.join(args.workdir, outputs.CHECKPOINT)
         try:
-            message = f"interrupted; last checkpoint: {path} (epoch {read_checkpoint(path)['epoch']})"
-        except TrainingError:
+            message = f"interrupted; last checkpoint: {path} (epoch {outputs.read_checkpoint(path)['epoch']})"
+        except outputs.CheckpointError:
             message = "interrupted; no checkpoint was saved yet"
     except (jax.errors.JaxRuntimeError, ValueError) as e:  # a collective whose peer is gone (Gloo: ValueError)
         if not args.distributed:

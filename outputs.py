@@ -1,0 +1,82 @@
+"""What train.py writes to --workdir after every epoch, and reads back: the checkpoint, the
+history and the plot. Every file is written whole or not at all."""
+import io
+import json
+import os
+
+import jax
+from flax import serialization
+
+CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or used; the message names the file."""
+
+
+def write_atomic(path, data):
+    """Writes bytes to path via a temp file and os.replace: readers see the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path, state, epoch, config, history):
+    """Everything needed to use or resume the run, as one msgpack file."""
+    checkpoint = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
+                  "config": config, "history": history}
+    write_atomic(path, serialization.msgpack_serialize(checkpoint))
+
+
+def read_checkpoint(path):
+    """The raw checkpoint dict; CheckpointError naming the file when it is missing or broken."""
+    try:
+        with open(path, "rb") as f:
+            checkpoint = serialization.msgpack_restore(f.read())
+        if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"} \
+                or not isinstance(checkpoint["config"], dict):
+            raise ValueError
+        return checkpoint
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except Exception:  # msgpack raises many unrelated types on foreign or truncated bytes
+        raise CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
+
+
+def plot_history(history):
+    """The quick start's two panels: loss and accuracy per epoch, train and test; a Figure."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(15, 5))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    epochs = [h["epoch"] for h in history]
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_title(metric.capitalize())
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for split in ("train", "test"):
+            ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], label=f"{split}_{metric}")
+        ax.legend()
+    return fig
+
+
+def save_plot(path, history):
+    """plot_history as a PNG file."""
+    buffer = io.BytesIO()
+    plot_history(history).savefig(buffer, format="png")
+    write_atomic(path, buffer.getvalue())
+
+
+def save(workdir, state, epoch, config, history):
+    """Checkpoint, history and plot of the run so far, into workdir."""
+    save_checkpoint(os.path.join(workdir, CHECKPOINT), state, epoch, config, history)
+    write_atomic(os.path.join(workdir, HISTORY), json.dumps(history, indent=1).encode())
+    save_plot(os.path.join(workdir, PLOT), history)
