@@ -765,3 +765,10 @@ def test_unreachable_coordinator(data_dir, tmp_path):
                      "--process-id", 1, "--peer-timeout", 2, "--data-dir", data_dir, "--workdir", tmp_path)
     assert time.perf_counter() - start < 15
     assert_clean_error(run, r"cannot reach the coordinator at 127.0.0.1:\d+ within 2 s .*start process 0 there")
+
+
+def test_two_processes_refuse_a_batch_size_not_divisible_by_both(data_dir, tmp_path):
+    runs = finish(start_processes([tmp_path / "0", tmp_path / "1"], "--batch-size", 33, "--data-dir", data_dir),
+                  timeout=120)
+    for run in runs:
+        assert_clean_error(run, r"--batch-size 33 is not divisible by the 2 devices; pick a multiple of 2")
