@@ -59,15 +59,20 @@ def write_dataset(folder, num_train=640, num_test=203, gz=True):
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """The scripts run in subprocesses share a JAX compilation cache, so most skip compiling,
-    and share a GPU if there is one."""
+    """This process and the scripts it runs share a JAX compilation cache, so that most skip
+    compiling, and share a GPU if there is one."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+    previous = {name: getattr(jax.config, name) for name in settings}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-        patch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        for name, value in settings.items():
+            jax.config.update(name, value)
+            patch.setenv(name.upper(), str(value))
         # On a GPU the test process and each script would otherwise take 75% of its memory.
         patch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="session")
