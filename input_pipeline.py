@@ -8,6 +8,7 @@ import gzip
 import os
 import pathlib
 import threading
+import urllib.error
 import urllib.request
 import zlib
 
@@ -67,15 +68,18 @@ def parse_split(images_path, labels_path):
 
 def unreachable(url, seconds=10):
     """None if url's server answers within `seconds`, else why not. TFDS itself retries a dead
-    network for about 3.5 minutes, printing a warning for each try."""
+    network, or a server error, for about 3.5 minutes, printing a warning for each try."""
+    answer = []
+
     def probe():
         try:
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=seconds).close()
             answer.append(None)
-        except (OSError, ValueError) as e:  # URLError, HTTPError and socket timeouts are OSErrors
+        except urllib.error.HTTPError as e:  # an answer: only a server error is worth no download
+            answer.append(f"{e.code} {e.reason}" if e.code >= 500 else None)
+        except (OSError, ValueError) as e:  # no connection, no name, a timeout
             answer.append(str(getattr(e, "reason", e)))
 
-    answer = []
     thread = threading.Thread(target=probe, daemon=True)  # daemon: a hung DNS lookup cannot hold us
     thread.start()
     thread.join(seconds)
@@ -90,7 +94,7 @@ def download(dataset):
     builder = tfds.builder(dataset)
     download_dir = os.path.join(tfds.core.constants.get_default_data_dir(), "downloads")
     urls = {name: builder.URL + name + ".gz" for name in ALL_FILES}
-    offline = (f"without network, pass --data-dir DIR with the four files {', '.join(urls)} (raw or .gz)")
+    offline = f"without network, pass --data-dir DIR with the four files {', '.join(urls)} (raw or .gz)"
     cached = all(resource.is_locally_cached(pathlib.Path(download_dir) / resource.get_dl_fname(
         url, builder.url_infos[url].checksum)) for url in urls.values())
     if not cached and (reason := unreachable(urls[ALL_FILES[0]])):
@@ -104,7 +108,7 @@ def download(dataset):
 
 
 def load_dataset(dataset, data_dir=None, splits=tuple(FILES)):
-    """{'train': (images, labels), 'test': (images, labels)} from data_dir, or downloaded."""
+    """{split: (images, labels)} of the splits ('train', 'test') from data_dir, or downloaded."""
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is not a folder")
     paths = download(dataset) if data_dir is None else {
