@@ -53,7 +53,7 @@ def time_ours(images, labels, batch_size, steps, mesh):
     """Seconds per step of train.train_steps over `steps` batches, after a warm-up call."""
     state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
     sums = jax.device_put(jnp.zeros(3), NamedSharding(mesh, P()))
-    steps_per_call, unroll = train.CALLS.get(jax.default_backend(), train.ACCELERATOR_CALLS)
+    steps_per_call, unroll = train.backend_calls()
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
         input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call),
         -(-steps // steps_per_call) + 1))

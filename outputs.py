@@ -8,6 +8,7 @@ import jax
 from flax import serialization
 
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
+CONFIG_KEYS = ("dataset", "batch_size", "learning_rate", "momentum", "seed")  # the settings a checkpoint records
 
 
 class CheckpointError(Exception):
@@ -41,7 +42,7 @@ def read_checkpoint(path):
         with open(path, "rb") as f:
             checkpoint = serialization.msgpack_restore(f.read())
         if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"} \
-                or not isinstance(checkpoint["config"], dict):
+                or set(checkpoint["config"]) != set(CONFIG_KEYS):
             raise ValueError
         return checkpoint
     except OSError as e:

@@ -48,7 +48,11 @@ EVAL_BATCH_SIZE = 1000
 # (--learning-rate 1e4: 8.9e15 in epoch 1); healthy runs average at most 0.51 in epoch 1
 # (learning rates 0.001 to 0.1 on MNIST, README).
 DIVERGED_LOSS = 10 * math.log(10)
-CONFIG_KEYS = ("dataset", "batch_size", "learning_rate", "momentum", "seed")
+
+
+def backend_calls():
+    """(steps per call, unrolled) for the backend JAX runs on."""
+    return CALLS.get(jax.default_backend(), ACCELERATOR_CALLS)
 
 
 class TrainingError(Exception):
@@ -152,8 +156,6 @@ def load_checkpoint(path):
     """(state, epoch, config, history) of a checkpoint, checked against the model's shapes."""
     checkpoint = outputs.read_checkpoint(path)
     config = checkpoint["config"]
-    if set(config) != set(CONFIG_KEYS):
-        raise outputs.CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated")
     # The shapes alone: eval_shape traces create_train_state without compiling or running it.
     target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"],
                                                        config["momentum"]))
@@ -213,7 +215,7 @@ def parse_args(argv=None):
 def train(args, interrupted):
     """Trains and evaluates epoch by epoch, writing checkpoint, history and plot after each;
     stops with KeyboardInterrupt between epochs once the `interrupted` event is set."""
-    config = {key: getattr(args, key) for key in CONFIG_KEYS}
+    config = {key: getattr(args, key) for key in outputs.CONFIG_KEYS}
     mesh = make_mesh()
     if config["batch_size"] % jax.device_count():
         raise TrainingError(f"--batch-size {config['batch_size']} is not divisible by the "
@@ -234,7 +236,7 @@ def train(args, interrupted):
     if args.resume and writer:
         state, done, saved_config, history = load_checkpoint(checkpoint_path)
         changed = [f"--{k.replace('_', '-')} {config[k]} (checkpoint: {saved_config[k]})"
-                   for k in CONFIG_KEYS if config[k] != saved_config[k]]
+                   for k in outputs.CONFIG_KEYS if config[k] != saved_config[k]]
         if changed:
             raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
         if done >= args.epochs:
@@ -246,7 +248,7 @@ def train(args, interrupted):
         # their hosts need no shared --workdir.
         state, done = multihost_utils.broadcast_one_to_all((state, done))
     state, first_epoch = jax.device_put(state, NamedSharding(mesh, P())), int(done) + 1
-    calls = CALLS.get(jax.default_backend(), ACCELERATOR_CALLS)
+    calls = backend_calls()
     for epoch in range(first_epoch, args.epochs + 1):
         if interrupted.is_set():
             raise KeyboardInterrupt
