@@ -59,6 +59,10 @@ class TrainingError(Exception):
     """Training cannot start or go on; the message says why and what to do."""
 
 
+class SettingsError(TrainingError):
+    """The flags do not fit the devices: every process of a distributed run finds it alike."""
+
+
 @functools.partial(jax.jit, static_argnames=("learning_rate", "momentum"))  # one compilation, not one per op
 def create_train_state(seed, learning_rate, momentum):
     """A fresh TrainState: CNN parameters from jax.random.key(seed), SGD with momentum."""
@@ -218,7 +222,7 @@ def train(args, interrupted):
     config = {key: getattr(args, key) for key in outputs.CONFIG_KEYS}
     mesh = make_mesh()
     if config["batch_size"] % jax.device_count():
-        raise TrainingError(f"--batch-size {config['batch_size']} is not divisible by the "
+        raise SettingsError(f"--batch-size {config['batch_size']} is not divisible by the "
                             f"{jax.device_count()} devices; pick a multiple of {jax.device_count()}")
     writer = jax.process_index() == 0
     checkpoint_path = os.path.join(args.workdir, outputs.CHECKPOINT)
@@ -321,13 +325,14 @@ def main(argv=None):
 
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM ends like Ctrl-C
         signal.signal(signum, interrupt)
+    every_process = False  # whether every process of a distributed run stops with this error
     try:
         if args.distributed:
             start_distributed(args)
         train(args, interrupted)
         return
     except (TrainingError, outputs.CheckpointError, input_pipeline.DataError) as e:
-        message = f"error: {e}"
+        message, every_process = f"error: {e}", isinstance(e, SettingsError)
     except KeyboardInterrupt:
         path = os.path.join(args.workdir, outputs.CHECKPOINT)
         try:
@@ -340,11 +345,17 @@ def main(argv=None):
         message = (f"error: process {jax.process_index()} lost another process ({str(e).splitlines()[0]}); "
                    f"once all are up again, continue with --resume")
     if args.distributed:
-        # jax.distributed's exit handler waits for every process at a barrier, and aborts with a
-        # stack trace when one is gone; leaving without it also closes our connections at once,
-        # which stops the other processes too.
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        if every_process:
+            # They leave together through jax.distributed's barrier. Were process 0 to leave
+            # first, JAX would abort the others, whose coordination service it hosts, before
+            # they print their line.
+            jax.distributed.shutdown()
+            sys.exit(1)
+        # An error of this process alone: jax.distributed's exit barrier would wait for the
+        # others, then abort with a stack trace. Leaving without it closes our connections at
+        # once, which stops the other processes too.
         os._exit(1)
     sys.exit(message)
 
