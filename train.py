@@ -9,7 +9,6 @@ import functools
 import math
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -25,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+import distributed
 import input_pipeline
 import outputs
 from model import CNN
@@ -197,22 +197,9 @@ def parse_args(argv=None):
                         "default: download through TFDS")
     parser.add_argument("--workdir", default="./workdir", help="where checkpoint, history and plot go")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
-    parser.add_argument("--distributed", action="store_true", help="one of several processes (one per "
-                        "host): jax.distributed finds the others on Cloud TPU, SLURM, Open MPI, Kubernetes")
-    parser.add_argument("--coordinator", metavar="HOST:PORT",
-                        help="with --num-processes and --process-id: where process 0 listens")
-    parser.add_argument("--num-processes", type=positive(int), help="how many processes train together")
-    parser.add_argument("--process-id", type=int, help="this process's number, 0 to --num-processes - 1")
-    parser.add_argument("--peer-timeout", type=positive(int), default=60, help="seconds to wait for the "
-                        "coordinator at start, and for a silent process before the others stop")
+    distributed.add_flags(parser, positive(int))
     args = parser.parse_args(argv)
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(value is not None for value in explicit):
-        if None in explicit:
-            parser.error("--coordinator, --num-processes and --process-id go together")
-        if not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process-id must be 0 to {args.num_processes - 1}, got {args.process_id}")
-        args.distributed = True
+    distributed.check_flags(parser, args)
     return args
 
 
@@ -271,35 +258,6 @@ def train(args, interrupted):
     return state
 
 
-def wait_for_coordinator(address, seconds):
-    """Returns once something listens at HOST:PORT; TrainingError after `seconds`. JAX's own
-    client aborts the process with a stack trace when it cannot reach the coordinator."""
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
-            return
-        except (OSError, ValueError) as e:
-            if time.monotonic() > deadline:
-                raise TrainingError(f"cannot reach the coordinator at {address} within {seconds} s ({e}); "
-                                    f"start process 0 there, or fix --coordinator") from None
-            time.sleep(0.2)
-
-
-def start_distributed(args):
-    """jax.distributed.initialize with the flags' settings, or what it detects where they are unset."""
-    if args.coordinator and args.process_id > 0:  # process 0 is the coordinator
-        wait_for_coordinator(args.coordinator, args.peer_timeout)
-    try:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                                   initialization_timeout=args.peer_timeout,
-                                   heartbeat_timeout_seconds=args.peer_timeout,
-                                   shutdown_timeout_seconds=args.peer_timeout)
-    except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
-        raise TrainingError(f"jax.distributed could not start: {str(e).splitlines()[0]}") from None
-
-
 def limit_malloc_arenas():
     """On glibc each thread of XLA's may get a malloc arena of its own, and memory freed there is
     not reused by the others: two arenas cut the peak of 3 epochs from 624 to 526 MB, for epochs
@@ -309,6 +267,15 @@ def limit_malloc_arenas():
             ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; before XLA starts its threads
         except AttributeError:  # a C library without mallopt
             pass
+
+
+def interrupted_message(workdir):
+    """The line for Ctrl-C or SIGTERM: the last checkpoint that was saved, if any."""
+    path = os.path.join(workdir, outputs.CHECKPOINT)
+    try:
+        return f"interrupted; last checkpoint: {path} (epoch {outputs.read_checkpoint(path)['epoch']})"
+    except outputs.CheckpointError:
+        return "interrupted; no checkpoint was saved yet"
 
 
 def main(argv=None):
@@ -328,35 +295,19 @@ def main(argv=None):
     every_process = False  # whether every process of a distributed run stops with this error
     try:
         if args.distributed:
-            start_distributed(args)
+            distributed.start(args)
         train(args, interrupted)
         return
-    except (TrainingError, outputs.CheckpointError, input_pipeline.DataError) as e:
+    except (TrainingError, outputs.CheckpointError, input_pipeline.DataError, distributed.StartError) as e:
         message, every_process = f"error: {e}", isinstance(e, SettingsError)
     except KeyboardInterrupt:
-        path = os.path.join(args.workdir, outputs.CHECKPOINT)
-        try:
-            message = f"interrupted; last checkpoint: {path} (epoch {outputs.read_checkpoint(path)['epoch']})"
-        except outputs.CheckpointError:
-            message = "interrupted; no checkpoint was saved yet"
+        message = interrupted_message(args.workdir)
     except (jax.errors.JaxRuntimeError, ValueError) as e:  # a collective whose peer is gone (Gloo: ValueError)
         if not args.distributed:
             raise
-        message = (f"error: process {jax.process_index()} lost another process ({str(e).splitlines()[0]}); "
-                   f"once all are up again, continue with --resume")
+        message = distributed.lost_peer_message(e)
     if args.distributed:
-        print(message, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        if every_process:
-            # They leave together through jax.distributed's barrier. Were process 0 to leave
-            # first, JAX would abort the others, whose coordination service it hosts, before
-            # they print their line.
-            jax.distributed.shutdown()
-            sys.exit(1)
-        # An error of this process alone: jax.distributed's exit barrier would wait for the
-        # others, then abort with a stack trace. Leaving without it closes our connections at
-        # once, which stops the other processes too.
-        os._exit(1)
+        distributed.leave(message, every_process)
     sys.exit(message)
 
 
