@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -909,3 +910,48 @@ def test_two_processes_refuse_a_batch_size_not_divisible_by_both(data_dir, tmp_p
                   timeout=120)
     for run in runs:
         assert_clean_error(run, r"--batch-size 33 is not divisible by the 2 devices; pick a multiple of 2")
+
+
+def running_processes(marker):
+    """Pids of the processes whose command line holds `marker`."""
+    pids = []
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # ended while we looked
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not shutil.which("mpirun"), reason="Open MPI's mpirun is not on PATH (apt-get install openmpi-bin)")
+def test_open_mpi_launch_prints_the_log_of_two_devices(data_dir, tmp_path):
+    """The README's `mpirun ... python train.py --distributed` with 2 ranks on this machine:
+    jax.distributed finds the ranks itself; rank 0 alone prints and writes (each rank its own
+    --workdir, as on two hosts); the log equals one process's with two simulated devices."""
+    mpirun = ["mpirun", "--bind-to", "none", "-x", "JAX_PLATFORMS=cpu"]
+    if os.geteuid() == 0:
+        mpirun.append("--allow-run-as-root")
+    ranks = [[sys.executable, os.path.join(HERE, "train.py"), "--distributed", "--epochs", "2", "--data-dir",
+              data_dir, "--workdir", str(tmp_path / f"rank{rank}")] for rank in range(2)]
+    command = mpirun + ["-np", "1", *ranks[0], ":", "-np", "1", *ranks[1]]
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                              start_new_session=True, env={**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    two_devices = start_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", tmp_path / "one",
+                               env=cpu_devices(2))
+    try:
+        out, err = launch.communicate(timeout=180)
+        one = finish([two_devices])[0]
+    finally:
+        if launch.poll() is None:  # mpirun and its ranks
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+        two_devices.kill()
+        two_devices.wait()
+    assert launch.returncode == 0, err
+    assert one.returncode == 0, one.stderr
+    assert epoch_lines(out) == epoch_lines(one.stdout) and len(epoch_lines(out)) == 4
+    assert len(re.findall(r"^epoch \d time", out, re.M)) == 2  # rank 0's lines only
+    assert sorted(os.listdir(tmp_path / "rank0")) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert not (tmp_path / "rank1").exists()
+    assert running_processes(str(tmp_path)) == []  # every rank ended with mpirun
