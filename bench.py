@@ -110,6 +110,89 @@ def train_step_flops(batch_size):
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
 
 
+def layer_parts(params, batch_size):
+    """The train step cut into its parts, as (name, function, arguments): each convolution and
+    dense layer forward and backward (input and weight gradients), relu and pooling, the loss,
+    the optimizer update. Each part is jitted alone, so its time includes one call's dispatch."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    conv1, conv2 = nn.Conv(32, (3, 3)), nn.Conv(64, (3, 3))
+    dense1, dense2 = nn.Dense(256), nn.Dense(10)
+    relu_pool = lambda x: nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
+    parts = []
+
+    def layer(name, module, p, x, inputs_gradient=True):
+        def apply(x, p):
+            return module.apply({"params": p}, x)
+        out = jax.eval_shape(apply, x, p)
+        g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+        parts.append((f"{name} forward", apply, (x, p)))
+        if inputs_gradient:
+            parts.append((f"{name} input gradient", lambda x, p, g: jax.vjp(lambda x: apply(x, p), x)[1](g), (x, p, g)))
+        parts.append((f"{name} weight gradient", lambda x, p, g: jax.vjp(lambda p: apply(x, p), p)[1](g), (x, p, g)))
+
+    def elementwise(name, fn, x):
+        g = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, x).shape), jnp.float32)
+        parts.append((f"{name} forward", fn, (x,)))
+        parts.append((f"{name} backward", lambda x, g: jax.vjp(fn, x)[1](g), (x, g)))
+
+    def features(*shape):
+        return jnp.asarray(rng.standard_normal((batch_size, *shape)), jnp.float32)
+
+    images = jnp.asarray(rng.integers(0, 256, (batch_size, 28, 28, 1)), jnp.uint8)
+    parts.append(("images to float", lambda x: x.astype(jnp.float32) / 255, (images,)))
+    layer("conv1 (1 -> 32 channels)", conv1, params["Conv_0"], features(28, 28, 1), inputs_gradient=False)
+    elementwise("relu + avgpool 1", relu_pool, features(28, 28, 32))
+    layer("conv2 (32 -> 64 channels)", conv2, params["Conv_1"], features(14, 14, 32))
+    elementwise("relu + avgpool 2", relu_pool, features(14, 14, 64))
+    layer("dense1 (3136 -> 256)", dense1, params["Dense_0"], features(3136))
+    elementwise("relu", nn.relu, features(256))
+    layer("dense2 (256 -> 10)", dense2, params["Dense_1"], features(256))
+    labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
+    loss = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    parts.append(("loss forward and backward", jax.grad(loss), (features(10), labels)))
+    state = train.create_train_state(0, 0.01, 0.9)
+    parts.append(("SGD momentum update", lambda state, grads: state.apply_gradients(grads=grads), (state, params)))
+    return parts
+
+
+def time_call(fn, args, repeats=200):
+    """Median seconds of one call of jitted fn over rounds of `repeats` calls, after compiling."""
+    jitted = jax.jit(fn, compiler_options=train.XLA_OPTIONS)
+    jax.block_until_ready(jitted(*args))
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = jitted(*args)
+        jax.block_until_ready(out)
+        rounds.append((time.perf_counter() - start) / repeats)
+    return statistics.median(rounds), jitted.lower(*args).compile().cost_analysis()
+
+
+def step_breakdown(images, labels, mesh, batch_size=32):
+    """Rows (part, milliseconds, MFLOP, GFLOP/s) of one train step at batch_size, parts timed
+    alone, then the host side of a call of steps: gathering a stack of batches and sending it;
+    and the milliseconds of one empty jitted call, which each part's time includes."""
+    params = train.create_train_state(0, 0.01, 0.9).params
+    rows = []
+    for name, fn, args in layer_parts(params, batch_size):
+        seconds, cost = time_call(fn, args)
+        flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
+        rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
+    steps_per_call, _ = train.backend_calls()
+    steps = len(images) // batch_size
+    gather = time_it(lambda: sum(1 for _ in input_pipeline.train_batches(  # a whole epoch's shuffle and gathers
+        images, labels, batch_size, 0, 1, steps_per_call))) / steps
+    stack = next(input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call))
+    send = statistics.median(time_it(lambda: jax.block_until_ready(
+        [train.shard(mesh, P(None, "batch"), a) for a in stack])) for _ in range(20)) / steps_per_call
+    rows += [("host: shuffle and gather the batches", 1e3 * gather, 0, 0),
+             (f"host: send them to the device, {steps_per_call} steps per call", 1e3 * send, 0, 0)]
+    return rows, 1e3 * time_call(lambda x: x, (jnp.zeros(()),))[0]
+
+
 # Peak RSS must come from a small parent: a child forked from this big process would count
 # the parent's pages it held until exec.
 MEASURE = ("import resource, subprocess, sys; code = subprocess.call([sys.executable, *sys.argv[1:]]); "
@@ -195,6 +278,9 @@ def main():
                          f"{achieved:.0f} / {ceiling:.0f} GFLOP/s ({100 * achieved / ceiling:.0f}%)"))
         else:
             rows.append(("achieved at batch 32", f"{achieved:.0f} GFLOP/s"))
+        breakdown, dispatch_ms = step_breakdown(images, labels, mesh)
+        figures["batch32_breakdown"] = {name: {"ms": ms, "mflop": mflop} for name, ms, mflop, _ in breakdown}
+        figures["dispatch_ms"] = dispatch_ms
         workdir = os.path.join(tmp, "workdir")
         train_seconds, train_mb = time_process(["train.py", "--epochs", "1", "--data-dir", data_dir,
                                                 "--workdir", workdir])
@@ -210,6 +296,16 @@ def main():
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    print(f"\nA batch-32 train step, part by part (each part jitted and timed alone, {jax.default_backend()}):")
+    width = max(len(name) for name, *_ in breakdown)
+    print(f"{'part':<{width}}  {'ms':>6}  {'MFLOP':>6}  {'GFLOP/s':>7}")
+    for name, ms, mflop, gflops in breakdown:
+        print(f"{name:<{width}}  {ms:6.3f}  {mflop:6.1f}  {gflops:7.1f}" if mflop else f"{name:<{width}}  {ms:6.3f}")
+    print(f"{'sum of the parts':<{width}}  {sum(ms for _, ms, _, _ in breakdown):6.3f}  "
+          f"{sum(mflop for _, _, mflop, _ in breakdown):6.1f}")
+    print(f"{'(each part includes one empty call:':<{width}}  {dispatch_ms:6.3f})")
+    print(f"{'the whole step, as train.py runs it':<{width}}  {1e3 / figures['batch32']['ours_steps_per_s']:6.3f}  "
+          f"{32 * figures['train_flops_per_image'] / 1e6:6.1f}  {figures['achieved_gflops']:7.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)
