@@ -239,8 +239,11 @@ def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir):
     (params, metrics), (rolled_params, rolled_metrics) = results
     assert rolled_metrics == pytest.approx(metrics, rel=1e-5)
     test_images, test_labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
+    # Sums in another order move the parameters apart step by step: after these 20 steps, at most
+    # 4e-7 of a leaf's largest value on JAX 0.10.2 but 7e-3 on JAX 0.11.2, where the test loss
+    # then differs by 1.2e-4 (relative).
     assert train.evaluate(rolled_params, mesh, test_images, test_labels) == pytest.approx(
-        train.evaluate(params, mesh, test_images, test_labels), rel=1e-4)
+        train.evaluate(params, mesh, test_images, test_labels), rel=1e-3)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(rolled_params)):  # sums in another order
         assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
 
@@ -932,12 +935,12 @@ def test_open_mpi_launch_prints_the_log_of_two_devices(data_dir, tmp_path):
     mpirun = ["mpirun", "--bind-to", "none", "-x", "JAX_PLATFORMS=cpu"]
     if os.geteuid() == 0:
         mpirun.append("--allow-run-as-root")
-    ranks = [[sys.executable, os.path.join(HERE, "train.py"), "--distributed", "--epochs", "2", "--data-dir",
+    ranks = [[sys.executable, os.path.join(HERE, "train.py"), "--distributed", "--epochs", "1", "--data-dir",
               data_dir, "--workdir", str(tmp_path / f"rank{rank}")] for rank in range(2)]
     command = mpirun + ["-np", "1", *ranks[0], ":", "-np", "1", *ranks[1]]
     launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
                               start_new_session=True, env={**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1"})
-    two_devices = start_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", tmp_path / "one",
+    two_devices = start_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / "one",
                                env=cpu_devices(2))
     try:
         out, err = launch.communicate(timeout=180)
@@ -950,8 +953,8 @@ def test_open_mpi_launch_prints_the_log_of_two_devices(data_dir, tmp_path):
         two_devices.wait()
     assert launch.returncode == 0, err
     assert one.returncode == 0, one.stderr
-    assert epoch_lines(out) == epoch_lines(one.stdout) and len(epoch_lines(out)) == 4
-    assert len(re.findall(r"^epoch \d time", out, re.M)) == 2  # rank 0's lines only
+    assert epoch_lines(out) == epoch_lines(one.stdout) and len(epoch_lines(out)) == 2
+    assert len(re.findall(r"^epoch \d time", out, re.M)) == 1  # rank 0's lines only
     assert sorted(os.listdir(tmp_path / "rank0")) == ["checkpoint.msgpack", "history.json", "metrics.png"]
     assert not (tmp_path / "rank1").exists()
     assert running_processes(str(tmp_path)) == []  # every rank ended with mpirun
