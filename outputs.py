@@ -3,6 +3,7 @@ history and the plot. Every file is written whole or not at all."""
 import io
 import json
 import os
+import tempfile
 
 import jax
 from flax import serialization
@@ -12,7 +13,16 @@ CONFIG_KEYS = ("dataset", "batch_size", "learning_rate", "momentum", "seed")  # 
 
 
 class CheckpointError(Exception):
-    """A checkpoint cannot be read or used; the message names the file."""
+    """A checkpoint, or --workdir, cannot be read, written or used; the message names the file."""
+
+
+def make_workdir(workdir):
+    """Creates workdir; CheckpointError before any training if files cannot be written there."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        tempfile.TemporaryFile(dir=workdir).close()
+    except OSError as e:
+        raise CheckpointError(f"--workdir {workdir} is not writable: {e.strerror}") from None
 
 
 def write_atomic(path, data):

@@ -10,7 +10,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
@@ -214,11 +213,7 @@ def train(args, interrupted):
     writer = jax.process_index() == 0
     checkpoint_path = os.path.join(args.workdir, outputs.CHECKPOINT)
     if writer:
-        try:
-            os.makedirs(args.workdir, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.workdir).close()
-        except OSError as e:
-            raise TrainingError(f"--workdir {args.workdir} is not writable: {e.strerror}") from None
+        outputs.make_workdir(args.workdir)
     data = input_pipeline.load_dataset(args.dataset, args.data_dir)
     train_images, train_labels = data["train"]
     if config["batch_size"] > len(train_images):
@@ -255,18 +250,16 @@ def train(args, interrupted):
                   f"{len(train_labels) // config['batch_size'] * config['batch_size'] / seconds:.0f} images/s",
                   flush=True)
             outputs.save(args.workdir, state, epoch, config, history)
+        # Free memory back to the system after each epoch: 3 epochs peaked at 528 MB, not 588
+        # (Python 3.13, JAX 0.11.2), epochs as fast.
+        glibc("malloc_trim", 0)
     return state
 
 
-def limit_malloc_arenas():
-    """On glibc each thread of XLA's may get a malloc arena of its own, and memory freed there is
-    not reused by the others: two arenas cut the peak of 3 epochs from 624 to 526 MB, for epochs
-    about 3% slower (README)."""
-    if sys.platform == "linux":
-        try:
-            ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; before XLA starts its threads
-        except AttributeError:  # a C library without mallopt
-            pass
+def glibc(function, *args):
+    """Calls one of glibc's malloc settings on Linux; does nothing elsewhere or without it."""
+    if sys.platform == "linux" and hasattr(libc := ctypes.CDLL(None), function):
+        getattr(libc, function)(*args)
 
 
 def interrupted_message(workdir):
@@ -281,7 +274,10 @@ def interrupted_message(workdir):
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
-    limit_malloc_arenas()
+    # Each thread of XLA's may get a malloc arena of its own, and memory freed in one is not reused
+    # by the others: two arenas (M_ARENA_MAX, before XLA starts its threads) cut the peak of 3
+    # epochs from 624 to 526 MB, for epochs about 3% slower (README).
+    glibc("mallopt", -8, 2)
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
