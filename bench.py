@@ -158,17 +158,18 @@ def layer_parts(params, batch_size):
 
 
 def time_call(fn, args, repeats=200):
-    """Median seconds of one call of jitted fn over rounds of `repeats` calls, after compiling."""
-    jitted = jax.jit(fn, compiler_options=train.XLA_OPTIONS)
-    jax.block_until_ready(jitted(*args))
+    """(median seconds of one call of jitted fn over rounds of `repeats` calls, XLA's cost
+    analysis), from one compilation."""
+    compiled = jax.jit(fn, compiler_options=train.XLA_OPTIONS).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
     rounds = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(repeats):
-            out = jitted(*args)
+            out = compiled(*args)
         jax.block_until_ready(out)
         rounds.append((time.perf_counter() - start) / repeats)
-    return statistics.median(rounds), jitted.lower(*args).compile().cost_analysis()
+    return statistics.median(rounds), compiled.cost_analysis()
 
 
 def step_breakdown(images, labels, mesh, batch_size=32):
