@@ -1,8 +1,9 @@
 """Benchmarks train.py against the Flax quick start's way, in one process: `python bench.py [--data-dir DIR]`.
 
-Absolute times drift on shared machines, so the two ways alternate in rounds and the table shows
-medians and their ratio. Also: evaluation speed, FLOPs against a matmul ceiling, and the wall time
-and peak memory of `train.py --epochs 1` and `infer.py --ckpt` as whole processes.
+Absolute times drift on shared machines, so the two ways and the two batch sizes alternate in
+rounds and the table shows medians and their ratios. Also: evaluation speed, FLOPs against a matmul
+ceiling, and the wall time and peak memory of `train.py --epochs 1` and `infer.py --ckpt` as
+whole processes.
 """
 import argparse
 import gzip
@@ -242,7 +243,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", help="the four MNIST files; default: random data of the same shape")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two ways")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two ways at both batch sizes")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -254,12 +255,13 @@ def main():
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
                              "data": "MNIST" if args.data_dir else "random"}
-        for batch_size in (32, 128):
-            ours, theirs = [], []
-            for _ in range(args.rounds):
-                ours.append(time_ours(images, labels, batch_size, args.steps, mesh))
-                theirs.append(time_quickstart(images, labels, batch_size, args.steps))
-            ours, theirs = statistics.median(ours), statistics.median(theirs)
+        seconds = {batch_size: ([], []) for batch_size in (32, 128)}  # ours, the quick start's
+        for _ in range(args.rounds):  # both batch sizes in every round: drift hits them alike
+            for batch_size in seconds:
+                seconds[batch_size][0].append(time_ours(images, labels, batch_size, args.steps, mesh))
+                seconds[batch_size][1].append(time_quickstart(images, labels, batch_size, args.steps))
+        for batch_size in seconds:
+            ours, theirs = (statistics.median(s) for s in seconds[batch_size])
             figures[f"batch{batch_size}"] = {"ours_steps_per_s": 1 / ours, "quickstart_steps_per_s": 1 / theirs,
                                              "ours_images_per_s": batch_size / ours, "speedup": theirs / ours}
             rows += [(f"train, batch {batch_size}, ours", f"{1 / ours:.1f} steps/s, {batch_size / ours:.0f} images/s"),
