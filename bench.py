@@ -17,6 +17,11 @@ import sys
 import tempfile
 import time
 
+import memory
+
+if __name__ == "__main__":  # before the imports below, which a restart repeats
+    memory.restart_with_huge_pages()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,7 +259,8 @@ def main():
         mesh = train.make_mesh()
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                             "data": "MNIST" if args.data_dir else "random"}
+                             "data": "MNIST" if args.data_dir else "random",
+                             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
         seconds = {batch_size: ([], []) for batch_size in (32, 128)}  # ours, the quick start's
         for _ in range(args.rounds):  # both batch sizes in every round: drift hits them alike
             for batch_size in seconds:
@@ -302,7 +308,8 @@ def main():
                  ("python train.py --epochs 1: peak memory", f"{train_mb:.0f} MB"),
                  ("python infer.py --ckpt: start to accuracy", f"{infer_seconds:.1f} s")]
     print(f"{figures['device']} ({figures['cpu_count']} CPUs, {figures['machine']}), "
-          f"{figures['data']} data, medians of {args.rounds} rounds")
+          f"{figures['data']} data, medians of {args.rounds} rounds"
+          + (f", GLIBC_TUNABLES={figures['glibc_tunables']}" if figures["glibc_tunables"] else ""))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import input_pipeline
+import memory
 import outputs
 import train
 from model import CNN
@@ -778,6 +779,39 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, traine
         chains = list(pool.map(lambda seed: kill_repeatedly(data_dir, workdirs[seed], 10, seed), (0, 1)))
     for epochs in chains:
         assert len(epochs) == 10 and epochs == sorted(epochs) and epochs[-1] > 2
+
+
+# --- malloc on huge pages ---
+
+# Restarts, then faults in a fresh 64 MiB block; prints GLIBC_TUNABLES and the page faults it took.
+HUGE_PAGES_CHECK = """
+import ctypes, os, resource, memory
+memory.restart_with_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ctypes.memset(block, 1, 64 << 20)
+print(os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not memory.glibc_at_least(2, 35) or "[madvise]" not in memory.thp_mode(),
+                    reason="needs glibc 2.35+ and the kernel's transparent huge pages in madvise mode")
+def test_restart_puts_large_blocks_on_huge_pages():
+    def run(tunables):
+        env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+        env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
+        tunables, faults = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHECK], env=env, cwd=HERE, check=True,
+                                          capture_output=True, text=True, timeout=60).stdout.split()
+        return tunables, int(faults)
+
+    restarted, huge_page_faults = run(None)
+    kept, _ = run("glibc.malloc.arena_max=2")
+    opted_out, small_page_faults = run("glibc.malloc.hugetlb=0")
+    assert (restarted, kept, opted_out) == ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+                                            "glibc.malloc.hugetlb=0")
+    assert small_page_faults > 15000 and huge_page_faults < small_page_faults / 4  # 4 KiB pages: 16,384
 
 
 # --- data parallel over several devices ---

@@ -4,7 +4,6 @@ Data parallel over every device (jax.sharding): batches are split along the batc
 parameters and optimizer state are replicated, and jit inserts the gradient all-reduce.
 """
 import argparse
-import ctypes
 import functools
 import math
 import os
@@ -12,6 +11,11 @@ import signal
 import sys
 import threading
 import time
+
+import memory
+
+if __name__ == "__main__":  # before the imports below (2.6 s), which a restart repeats
+    memory.restart_with_huge_pages()
 
 import jax
 import jax.numpy as jnp
@@ -255,16 +259,8 @@ def train(args, interrupted):
                   f"{len(train_labels) // config['batch_size'] * config['batch_size'] / seconds:.0f} images/s",
                   flush=True)
             outputs.save(args.workdir, state, epoch, config, history)
-        # Free memory back to the system after each epoch: 3 epochs peaked at 528 MB, not 588
-        # (Python 3.13, JAX 0.11.2), epochs as fast.
-        glibc("malloc_trim", 0)
+        memory.release_free_memory()
     return state
-
-
-def glibc(function, *args):
-    """Calls one of glibc's malloc settings on Linux; does nothing elsewhere or without it."""
-    if sys.platform == "linux" and hasattr(libc := ctypes.CDLL(None), function):
-        getattr(libc, function)(*args)
 
 
 def interrupted_message(workdir):
@@ -279,10 +275,7 @@ def interrupted_message(workdir):
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
-    # Each thread of XLA's may get a malloc arena of its own, and memory freed in one is not reused
-    # by the others: two arenas (M_ARENA_MAX, before XLA starts its threads) cut the peak of 3
-    # epochs from 624 to 526 MB, for epochs about 3% slower (README).
-    glibc("mallopt", -8, 2)
+    memory.limit_arenas()
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
