@@ -18,8 +18,8 @@ def restart_with_huge_pages():
 
     glibc serves blocks above 32 MiB with a fresh mmap each time, such as a call's scratch buffer
     at batch 128 (71 MiB for 5 steps), faulted in 4 KiB at a time: 18,400 page faults per call.
-    With 2 MiB pages, `train.py --batch-size 128` epoch 2 took 24.5 s instead of 29.2 s, batch 32
-    28.0 s instead of 29.5 s (README). glibc reads its tunables only when a process starts, hence
+    With 2 MiB pages, `train.py --batch-size 128` epoch 2 took 24.0 s instead of 29.2 s, batch 32
+    27.9 s instead of 29.5 s (means of 2 runs, Python 3.13; README). glibc reads its tunables only when a process starts, hence
     the restart: call this before the heavy imports, which it repeats. `GLIBC_TUNABLES=
     glibc.malloc.hugetlb=0` opts out.
     """
