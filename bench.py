@@ -20,7 +20,7 @@ import time
 import memory
 
 if __name__ == "__main__":  # before the imports below, which a restart repeats
-    memory.restart_with_huge_pages()
+    memory.restart_with_huge_pages(__file__)
 
 import jax
 import jax.numpy as jnp

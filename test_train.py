@@ -786,7 +786,7 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, traine
 # Restarts, then faults in a fresh 64 MiB block; prints GLIBC_TUNABLES and the page faults it took.
 HUGE_PAGES_CHECK = """
 import ctypes, os, resource, memory
-memory.restart_with_huge_pages()
+memory.restart_with_huge_pages(__file__)
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 block = libc.malloc(64 << 20)
@@ -798,19 +798,24 @@ print(os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF)
 
 @pytest.mark.skipif(not memory.glibc_at_least(2, 35) or "[madvise]" not in memory.thp_mode(),
                     reason="needs glibc 2.35+ and the kernel's transparent huge pages in madvise mode")
-def test_restart_puts_large_blocks_on_huge_pages():
-    def run(tunables):
+def test_restart_puts_large_blocks_on_huge_pages(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(HUGE_PAGES_CHECK)
+
+    def run(tunables, *command):
         env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-        env.update({"GLIBC_TUNABLES": tunables} if tunables else {})
-        tunables, faults = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHECK], env=env, cwd=HERE, check=True,
+        env.update(PYTHONPATH=HERE, **({"GLIBC_TUNABLES": tunables} if tunables else {}))
+        tunables, faults = subprocess.run([sys.executable, *(command or [script])], env=env, check=True,
                                           capture_output=True, text=True, timeout=60).stdout.split()
         return tunables, int(faults)
 
     restarted, huge_page_faults = run(None)
     kept, _ = run("glibc.malloc.arena_max=2")
     opted_out, small_page_faults = run("glibc.malloc.hugetlb=0")
-    assert (restarted, kept, opted_out) == ("glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
-                                            "glibc.malloc.hugetlb=0")
+    # Run by another program (as IPython's %run does), a restart would rerun that program instead.
+    run_by_another, _ = run(None, "-c", f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')")
+    assert (restarted, kept, opted_out, run_by_another) == (
+        "glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=0", "None")
     assert small_page_faults > 15000 and huge_page_faults < small_page_faults / 4  # 4 KiB pages: 16,384
 
 

@@ -15,7 +15,7 @@ import time
 import memory
 
 if __name__ == "__main__":  # before the imports below (2.6 s), which a restart repeats
-    memory.restart_with_huge_pages()
+    memory.restart_with_huge_pages(__file__)
 
 import jax
 import jax.numpy as jnp
