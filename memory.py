@@ -27,11 +27,15 @@ def restart_with_huge_pages(script):
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     started_as_script = (os.path.abspath(sys.argv[0]) == os.path.abspath(script)
                          and sys.orig_argv[-len(sys.argv):] == sys.argv)
-    if (not started_as_script or HUGE_PAGES in tunables or not glibc_at_least(2, 35)
-            or "[madvise]" not in thp_mode()):
+    if not started_as_script or HUGE_PAGES in tunables or not huge_pages_need_a_restart():
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES + "=1"])))
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def huge_pages_need_a_restart():
+    """Whether malloc gets huge pages only by asking (THP mode `madvise`) and glibc can ask (2.35+)."""
+    return glibc_at_least(2, 35) and "[madvise]" in thp_mode()
 
 
 def glibc_at_least(major, minor):

@@ -796,7 +796,7 @@ print(os.environ.get("GLIBC_TUNABLES"), resource.getrusage(resource.RUSAGE_SELF)
 """
 
 
-@pytest.mark.skipif(not memory.glibc_at_least(2, 35) or "[madvise]" not in memory.thp_mode(),
+@pytest.mark.skipif(not memory.huge_pages_need_a_restart(),
                     reason="needs glibc 2.35+ and the kernel's transparent huge pages in madvise mode")
 def test_restart_puts_large_blocks_on_huge_pages(tmp_path):
     script = tmp_path / "check.py"
@@ -805,9 +805,9 @@ def test_restart_puts_large_blocks_on_huge_pages(tmp_path):
     def run(tunables, *command):
         env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
         env.update(PYTHONPATH=HERE, **({"GLIBC_TUNABLES": tunables} if tunables else {}))
-        tunables, faults = subprocess.run([sys.executable, *(command or [script])], env=env, check=True,
-                                          capture_output=True, text=True, timeout=60).stdout.split()
-        return tunables, int(faults)
+        printed_tunables, faults = subprocess.run([sys.executable, *(command or [script])], env=env, check=True,
+                                                  capture_output=True, text=True, timeout=60).stdout.split()
+        return printed_tunables, int(faults)
 
     restarted, huge_page_faults = run(None)
     kept, _ = run("glibc.malloc.arena_max=2")
