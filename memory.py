@@ -19,7 +19,7 @@ def restart_with_huge_pages(script):
     glibc serves blocks above 32 MiB with a fresh mmap each time, such as a call's scratch buffer
     at batch 128 (71 MiB for 5 steps), faulted in 4 KiB at a time: 18,400 page faults per call.
     With 2 MiB pages, `train.py --batch-size 128` epoch 2 took 24.0 s instead of 29.2 s, batch 32
-    27.9 s instead of 29.5 s (means of 2 runs, Python 3.13; README). glibc reads its tunables only
+    27.9 s instead of 29.5 s (means of 2 runs, Python 3.13; PERFORMANCE.md). glibc reads its tunables only
     when a process starts, hence the restart: call this before the heavy imports, which it
     repeats. Only a process started as that command restarts: under IPython's %run or runpy it
     would rerun the kernel or the caller. `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` opts out.

@@ -285,6 +285,27 @@ def test_short_run_learns_synthetic_digits(data_dir, tmp_path, capsys):
     assert lines[-1][2] < lines[1][2]
 
 
+UNKNOWN_XLA_OPTION = """
+import sys
+import train
+train.XLA_OPTIONS = {**train.XLA_OPTIONS, "xla_made_up_option": True}
+train.main(sys.argv[1:])
+"""
+
+
+def test_an_xla_option_unknown_to_xla_is_left_out_once(data_dir, trained, tmp_path):
+    """A release that drops one of our options trains as before, with its default and one line."""
+    run = finish([subprocess.Popen([sys.executable, "-c", UNKNOWN_XLA_OPTION, "--epochs", "1", "--data-dir",
+                                    data_dir, "--workdir", tmp_path], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=HERE)])[0]
+    assert run.returncode == 0, run.stderr
+    assert epoch_lines(run.stdout) == epoch_lines(trained[1])[:2]  # the other options still apply
+    notes = [line for line in run.stderr.splitlines() if "xla_made_up_option" in line]
+    assert len(notes) == 1 and re.match(r"note: the XLA of JAX \S+ refuses xla_made_up_option "
+                                        r"\(INVALID_ARGUMENT: No such compile option.*\); going on with its default$",
+                                        notes[0]), run.stderr
+
+
 def test_cli_end_to_end_is_deterministic(data_dir, trained, tmp_path):
     """The `trained` fixture's training, from --data-dir instead of TFDS's cache, prints the same
     numbers and writes every output."""
