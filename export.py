@@ -97,8 +97,8 @@ def main(argv=None):
                   f"{time.perf_counter() - start:.1f} s")
     except (ExportError, outputs.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # the folder went away or filled up while writing
-        sys.exit(f"error: cannot write {e.filename or args.out}: {e.strerror}")
+    except outputs.WriteError as e:  # the disk filled up, or the folder went away, while writing
+        sys.exit(f"error: {e}; free space or pick another folder")
     except KeyboardInterrupt:  # write_atomic removed its temp file
         sys.exit("interrupted; no partial file was left")
 

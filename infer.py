@@ -6,6 +6,7 @@ draws them; with --image it classifies your own pictures of digits.
 import argparse
 import os
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -15,28 +16,71 @@ import outputs
 import train
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
+# Pictures are read at most this large: a digit needs few pixels, and a 12-megapixel photo read
+# whole cost seconds and hundreds of MB (PERFORMANCE.md).
+MAX_SIDE = 512
 
 
 class ImageError(Exception):
     """An --image file cannot be used; the message says why."""
 
 
+def read_picture(path):
+    """The first frame of a picture as a viewer shows it: float32 gray [H, W] in 0-255, EXIF
+    orientation applied, at most MAX_SIDE pixels a side. ImageError naming the file otherwise."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():  # above MAX_IMAGE_PIXELS Pillow only warns; 2x above, it refuses
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG: decoded at 1/2 to 1/8 of its size
+                image.thumbnail((MAX_SIDE, MAX_SIDE))
+                picture = ImageOps.exif_transpose(image)  # a copy, which outlives the file
+    except FileNotFoundError:
+        raise ImageError(f"{path} does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not a picture Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path} is too large to read safely ({e}); scale it down first") from None
+    except (OSError, SyntaxError) as e:  # SyntaxError: Pillow's name for some damaged files
+        if getattr(e, "errno", None):  # the file system's: no permission, a folder, ...
+            raise ImageError(f"cannot read {path}: {e.strerror}") from None
+        raise ImageError(f"{path} cannot be decoded ({e}); is it damaged or cut short?") from None
+    return viewed_gray(picture)
+
+
+def viewed_gray(image):
+    """float32 gray [H, W] in 0-255 of a decoded picture. With a transparent background the opacity
+    is the drawing (light on dark), whatever the colours hold; else transparency is shown on white."""
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # deeper than 8 bits: scaled, not clipped
+        gray = np.asarray(image, np.float32)
+        return (gray - gray.min()) * (255 / max(np.ptp(gray), 1e-6))
+    if not image.has_transparency_data:
+        return np.asarray(image.convert("L"), np.float32)
+    rgba = image.convert("RGBA")
+    alpha = np.asarray(rgba, np.float32)[..., 3]
+    if np.median(border(alpha)) < 128:
+        return alpha
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L"), np.float32)
+
+
+def border(array):
+    """The outermost pixels of a 2-D array."""
+    return np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+
+
 def mnist_like(path):
     """A picture as MNIST was made: uint8 [28, 28, 1], light digit on black, its 20x20 box
     scaled to fit, centred on its centre of mass."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"), np.float32)
-    except FileNotFoundError:
-        raise ImageError(f"{path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{path} is not an image PIL can read ({e.__class__.__name__})") from None
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 127:  # dark ink on light paper, unlike MNIST
-        gray, border = 255 - gray, 255 - border
-    ink = np.clip(gray - np.median(border), 0, None)  # the paper's own shade is not ink
+    gray = read_picture(path)
+    if np.median(border(gray)) > 127:  # dark ink on light paper, unlike MNIST
+        gray = 255 - gray
+    ink = np.clip(gray - np.median(border(gray)), 0, None)  # the paper's own shade is not ink
     rows, cols = np.nonzero(ink > 0.25 * ink.max()) if ink.max() > 0 else ((), ())
     if len(rows) == 0:
         raise ImageError(f"{path} shows no digit (a uniform picture)")
@@ -59,7 +103,7 @@ def predict(params, images):
     return jax.nn.softmax(train.logits(params, images))
 
 
-def save_grid(path, images, predicted, labels):
+def grid_figure(images, predicted, labels):
     """The quick start's 5x5 picture: each image titled with its prediction, wrong ones in red."""
     from matplotlib.figure import Figure
 
@@ -70,7 +114,7 @@ def save_grid(path, images, predicted, labels):
         ax.set_title(f"label={guess}" + ("" if guess == label else f" (true {label})"),
                      color="black" if guess == label else "red")
         ax.axis("off")
-    fig.savefig(path)
+    return fig
 
 
 def parse_args(argv=None):
@@ -102,7 +146,7 @@ def run(args):
     print("predicted:", " ".join(map(str, predicted)))
     print("true:     ", " ".join(map(str, labels[:25])))
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "predictions.png")
-    save_grid(out, images[:25], predicted, labels[:25])
+    outputs.save_figure(out, grid_figure(images[:25], predicted, labels[:25]))
     print(f"wrote {out}")
 
 
@@ -113,8 +157,8 @@ def main(argv=None):
         run(args)
     except (outputs.CheckpointError, input_pipeline.DataError, ImageError) as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # e.g. --out in a folder that does not exist
-        sys.exit(f"error: {e.filename or ''}: {e.strerror}")
+    except outputs.WriteError as e:  # --out: a full disk, a folder that does not exist
+        sys.exit(f"error: {e}; free space or pick another folder")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ class CheckpointError(Exception):
     """A checkpoint, or --workdir, cannot be read, written or used; the message names the file."""
 
 
+class WriteError(Exception):
+    """A file cannot be written (disk full, quota, read-only); the message names it and the reason.
+    What the file held before is untouched."""
+
+
 def make_workdir(workdir):
     """Creates workdir; CheckpointError before any training if files cannot be written there."""
     try:
@@ -26,7 +31,8 @@ def make_workdir(workdir):
 
 
 def write_atomic(path, data):
-    """Writes bytes to path via a temp file and os.replace: readers see the old or the new file."""
+    """Writes bytes to path via a temp file and os.replace: readers see the old or the new file.
+    WriteError when it cannot, with no temp file left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -34,6 +40,8 @@ def write_atomic(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -79,10 +87,10 @@ def plot_history(history):
     return fig
 
 
-def save_plot(path, history):
-    """plot_history as a PNG file."""
+def save_figure(path, figure):
+    """A matplotlib Figure as a PNG file, written whole or not at all."""
     buffer = io.BytesIO()
-    plot_history(history).savefig(buffer, format="png")
+    figure.savefig(buffer, format="png")
     write_atomic(path, buffer.getvalue())
 
 
@@ -90,4 +98,4 @@ def save(workdir, state, epoch, config, history):
     """Checkpoint, history and plot of the run so far, into workdir."""
     save_checkpoint(os.path.join(workdir, CHECKPOINT), state, epoch, config, history)
     write_atomic(os.path.join(workdir, HISTORY), json.dumps(history, indent=1).encode())
-    save_plot(os.path.join(workdir, PLOT), history)
+    save_figure(os.path.join(workdir, PLOT), plot_history(history))

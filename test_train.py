@@ -1,5 +1,6 @@
 """Tests of the MNIST scripts: fast ones on small synthetic data, real-data ones when MNIST_DATA_DIR is set."""
 import gzip
+import io
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -404,7 +406,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
-    with pytest.raises(OSError):
+    with pytest.raises(outputs.WriteError, match=r"^cannot write .*c: No space left on device$"):
         outputs.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, config, [])
     assert train.load_checkpoint(path)[1] == 1
     assert os.listdir(tmp_path) == ["c"]
@@ -470,6 +472,83 @@ def test_mnist_like_normalizes_any_picture(tmp_path):
     assert np.corrcoef(large.ravel(), jpeg.ravel())[0, 1] > 0.95
 
 
+# EXIF orientation: the transpose that stores a picture so that a viewer, undoing it, shows it upright.
+STORED_SIDEWAYS = {3: "ROTATE_180", 6: "ROTATE_90", 8: "ROTATE_270"}
+PICTURE_KINDS = ["exif3", "exif6", "exif8", "alpha_black", "alpha_blue", "gray16", "gif", "tiff"]
+
+
+def save_picture(paper, stem, kind):
+    """Saves an "L" picture (dark ink on light paper) as users' pictures arrive, and its plain
+    version; returns both paths. kind: a phone JPEG stored sideways with an EXIF orientation tag;
+    a PNG drawing whose ink is its opacity over a transparent background (colour channels black or
+    blue); a 16-bit PNG scan; the first frame of an animated GIF or of a multi-page TIFF."""
+    from PIL import Image
+
+    if kind.startswith("exif"):
+        orientation = int(kind[4:])
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paper.save(plain := f"{stem}_plain.jpg", quality=95)
+        paper.transpose(getattr(Image.Transpose, STORED_SIDEWAYS[orientation])).save(
+            path := f"{stem}.jpg", quality=95, exif=exif)
+        return path, plain
+    paper.save(plain := f"{stem}_plain.png")
+    if kind.startswith("alpha"):
+        rgba = np.zeros(paper.size[::-1] + (4,), np.uint8)
+        rgba[..., 2] = 255 if kind == "alpha_blue" else 0
+        rgba[..., 3] = 255 - np.asarray(paper)
+        Image.fromarray(rgba, "RGBA").save(path := f"{stem}.png")
+    elif kind == "gray16":
+        Image.fromarray(np.asarray(paper).astype(np.uint16) * 257).save(path := f"{stem}.png")
+    else:
+        other = Image.fromarray(np.random.default_rng(0).integers(0, 256, paper.size[::-1], np.uint8))
+        path = f"{stem}.{kind}"
+        paper.save(path, save_all=True, append_images=[other])
+    return path, plain
+
+
+@pytest.mark.parametrize("kind", PICTURE_KINDS)
+def test_pictures_as_they_arrive_read_like_their_plain_version(tmp_path, kind):
+    import infer
+
+    from PIL import ImageFilter
+
+    paper = draw_seven(280, True, False).filter(ImageFilter.GaussianBlur(3))  # every shade of gray
+    path, plain = save_picture(paper, str(tmp_path / kind), kind)
+    read, expected = infer.mnist_like(path).astype(int), infer.mnist_like(plain).astype(int)
+    assert expected.max() > 200 and np.abs(read - expected).mean() < 1.0 and np.abs(read - expected).max() <= 32
+
+
+PICTURE_MEMORY = """
+import re, sys
+import infer
+def peak_mb():  # this process's own peak: ru_maxrss would count the parent's from before exec
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+before = peak_mb()
+infer.mnist_like(sys.argv[1])
+print(peak_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads its peak memory from /proc")
+def test_a_large_photo_is_read_at_reduced_size_like_a_small_one(tmp_path):
+    from PIL import Image
+
+    import infer
+
+    photo = Image.new("RGB", (4000, 3000), "white")  # 12 megapixels, as phones take them
+    photo.paste(draw_seven(2800, True, True), (600, 100))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    draw_seven(280, True, False).save(tmp_path / "small.png")
+    read = infer.mnist_like(str(tmp_path / "photo.jpg")).astype(int)
+    expected = infer.mnist_like(str(tmp_path / "small.png")).astype(int)
+    assert np.abs(read - expected).mean() < 3.0 and np.corrcoef(read.ravel(), expected.ravel())[0, 1] > 0.97
+    # Peak memory it adds in a process of its own: decoded whole, an RGB photo of this size took 187 MB.
+    run = subprocess.run([sys.executable, "-c", PICTURE_MEMORY, tmp_path / "photo.jpg"], capture_output=True,
+                         text=True, cwd=HERE, timeout=120)
+    assert run.returncode == 0 and float(run.stdout) < 40, run.stdout + run.stderr
+
+
 def test_infer_classifies_images(trained, tmp_path):
     workdir, _ = trained
     draw_seven(280, True, True).save(tmp_path / "a.png")
@@ -513,6 +592,22 @@ def test_real_mnist_one_epoch_then_infer_on_pictures(real_trained, tmp_path):
         assert infer_run.returncode == 0, infer_run.stderr
         guesses = [int(line.split(": ")[1][0]) for line in infer_run.stdout.strip().splitlines()]
         assert sum(g == l for g, l in zip(guesses, labels[:10])) >= 9, guesses
+
+
+def test_real_digits_saved_as_users_save_pictures_are_classified_as_plain_ones(real_trained, tmp_path):
+    from PIL import Image
+
+    import infer
+
+    state = train.load_checkpoint(str(real_trained[0] / "checkpoint.msgpack"))[0]
+    images = input_pipeline.load_dataset("mnist", MNIST_DATA_DIR, ["test"])["test"][0][:10]
+    papers = [Image.fromarray(255 - image[..., 0]).resize((280, 280), Image.BICUBIC) for image in images]
+    for kind in PICTURE_KINDS:
+        paths = [save_picture(paper, str(tmp_path / f"{kind}{i}"), kind) for i, paper in enumerate(papers)]
+        read, plain = (np.asarray(infer.predict(state.params, np.stack([infer.mnist_like(p[j]) for p in paths])))
+                       for j in (0, 1))
+        assert (read.argmax(-1) == plain.argmax(-1)).all(), kind
+        assert np.abs(read - plain).max() < 0.05, kind
 
 
 # --- export.py: ONNX and jax.export, checked by runtimes that are not ours ---
@@ -751,6 +846,57 @@ def test_unwritable_workdir_fails_before_training(data_dir, tmp_path):
     assert_clean_error(run, r"--workdir .* is not writable")
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 10 MB file system (tmpfs, mounted as root): one checkpoint with its optimizer state fits (6.6 MB),
+    a second beside it does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", mount],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (test_file_size_limit fills files without it)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", mount])
+
+
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data_dir, small_disk):
+    run = run_script("train.py", "--epochs", 3, "--data-dir", data_dir, "--workdir", small_disk)
+    assert_clean_error(run, rf"^error: cannot write {small_disk}/checkpoint.msgpack: No space left on device; "
+                            rf"last checkpoint: {small_disk}/checkpoint.msgpack \(epoch 1\); "
+                            r"free space, then continue with --resume$")
+    assert epoch_lines(run.stdout)[-1][:2] == ("test", 2)  # epoch 2 trained, its checkpoint did not fit
+    assert train.load_checkpoint(str(small_disk / "checkpoint.msgpack"))[1] == 1
+    assert sorted(os.listdir(small_disk)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+
+
+FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--epochs", 1, "--data-dir", "{data}", "--workdir", "{tmp}"],
+     r"cannot write {tmp}/checkpoint.msgpack: File too large; no checkpoint was saved yet; free space, then run again$"),
+    (["export.py", "{tmp}/model.onnx", "--ckpt", "{ckpt}"],
+     r"cannot write {tmp}/model.onnx: File too large; free space or pick another folder$"),
+    (["infer.py", "--ckpt", "{ckpt}", "--data-dir", "{data}", "--out", "{tmp}/grid.png"],
+     r"cannot write {tmp}/grid.png: File too large; free space or pick another folder$"),
+])
+def test_file_size_limit(data_dir, trained, tmp_path, args, message):
+    """Each script ends with one line when a file it writes cannot grow (RLIMIT_FSIZE, no root
+    needed: a write fails as on a full disk or quota), and leaves no partial file behind."""
+    fill = {"tmp": tmp_path, "data": data_dir, "ckpt": trained[0] / "checkpoint.msgpack"}
+    run = finish([subprocess.Popen([sys.executable, "-c", FILE_SIZE_LIMIT, "30000", *(str(a).format(**fill) for a in args)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)])[0]
+    assert_clean_error(run, "^error: " + message.format(**fill))
+    assert os.listdir(tmp_path) == []
+
+
 def test_resume_with_other_settings_is_refused(data_dir, trained, tmp_path):
     workdir, _ = trained
     run = run_script("train.py", "--resume", "--learning-rate", "0.1", "--data-dir", data_dir, "--workdir", workdir)
@@ -890,12 +1036,36 @@ def test_infer_bad_checkpoint(trained, tmp_path, damage, message):
     assert_clean_error(run_script("infer.py", "--ckpt", path, "--image", tmp_path / "x.png"), message)
 
 
+def png(width, height, rows):
+    """A grayscale PNG file's bytes that says it is width x height and holds the given raw rows."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def cut_short(picture_format):
+    """The first half of a noisy 280 x 280 picture file."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (280, 280), np.uint8)).save(buffer, picture_format)
+    return buffer.getvalue()[:len(buffer.getvalue()) // 2]
+
+
 @pytest.mark.parametrize("content, message", [
     (None, r"x.png does not exist"),
-    (b"not a picture", r"x.png is not an image PIL can read"),
+    (b"not a picture", r"x.png is not a picture Pillow can read"),
+    (png(30000, 30000, bytes(30001)), r"x.png is too large to read safely \(Image size \(900000000 pixels\) "
+                                      r"exceeds limit.*\); scale it down first"),
+    (cut_short("PNG"), r"x.png cannot be decoded \(image file is truncated\); is it damaged or cut short\?"),
+    (cut_short("JPEG"), r"x.png cannot be decoded \(image file is truncated.*\); is it damaged or cut short\?"),
+    ("folder", r"cannot read .*x.png: Is a directory"),
 ])
 def test_infer_bad_image(trained, tmp_path, content, message):
-    if content is not None:
+    if content == "folder":
+        (tmp_path / "x.png").mkdir()
+    elif content is not None:
         (tmp_path / "x.png").write_bytes(content)
     run = run_script("infer.py", "--ckpt", trained[0] / "checkpoint.msgpack", "--image", tmp_path / "x.png")
     assert_clean_error(run, message)

@@ -291,13 +291,14 @@ def train(args, interrupted):
     return state
 
 
-def interrupted_message(workdir):
-    """The line for Ctrl-C or SIGTERM: the last checkpoint that was saved, if any."""
+def last_checkpoint(workdir):
+    """What a line that stops the run says of the checkpoint in workdir, and how to go on."""
     path = os.path.join(workdir, outputs.CHECKPOINT)
     try:
-        return f"interrupted; last checkpoint: {path} (epoch {outputs.read_checkpoint(path)['epoch']})"
+        epoch = outputs.read_checkpoint(path)["epoch"]
     except outputs.CheckpointError:
-        return "interrupted; no checkpoint was saved yet"
+        return "no checkpoint was saved yet", "run again"
+    return f"last checkpoint: {path} (epoch {epoch})", "continue with --resume"
 
 
 def main(argv=None):
@@ -322,8 +323,11 @@ def main(argv=None):
         return
     except (TrainingError, outputs.CheckpointError, input_pipeline.DataError, distributed.StartError) as e:
         message, every_process = f"error: {e}", isinstance(e, SettingsError)
+    except outputs.WriteError as e:  # a full disk, a quota: the previous files are intact
+        saved, go_on = last_checkpoint(args.workdir)
+        message = f"error: {e}; {saved}; free space, then {go_on}"
     except KeyboardInterrupt:
-        message = interrupted_message(args.workdir)
+        message = "interrupted; {}; {}".format(*last_checkpoint(args.workdir))
     except (jax.errors.JaxRuntimeError, ValueError) as e:  # a collective whose peer is gone (Gloo: ValueError)
         if not args.distributed:
             raise
