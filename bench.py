@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import input_pipeline
 import outputs
 import train
+import xla
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,7 +101,7 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
     """{way: GFLOP/s} of a float32 square matmul on the CPU, each way's best over sizes and rounds:
     XLA as train.py compiles it, XLA's defaults, and numpy's BLAS. The fastest is the ceiling:
     on 2 AVX2 cores numpy's BLAS ran at 151 GFLOP/s where XLA's defaults gave 120 (JAX 0.11.2)."""
-    ways = {"XLA as train.py compiles it": (jax.jit(lambda x: x @ x, compiler_options=train.xla_options()), jnp.ones),
+    ways = {"XLA as train.py compiles it": (jax.jit(lambda x: x @ x, compiler_options=xla.xla_options()), jnp.ones),
             "XLA's defaults": (jax.jit(lambda x: x @ x), jnp.ones), "numpy's BLAS": (lambda x: x @ x, np.ones)}
     best = dict.fromkeys(ways, 0.0)
     for size in sizes:
@@ -170,7 +171,7 @@ def layer_parts(params, batch_size):
 def time_call(fn, args, repeats=200):
     """(median seconds of one call of jitted fn over rounds of `repeats` calls, XLA's cost
     analysis), from one compilation."""
-    compiled = jax.jit(fn, compiler_options=train.xla_options()).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=xla.xla_options()).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     rounds = []
     for _ in range(5):

@@ -16,8 +16,8 @@ import outputs
 import train
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
-# Pictures are read at most this large: a digit needs few pixels, and a 12-megapixel photo read
-# whole cost seconds and hundreds of MB (PERFORMANCE.md).
+# Pictures are read at most this large: a digit needs few pixels, and read whole a 12-megapixel
+# photo took 0.3 s and 187 MB, against 0.07 s and 8 MB (PERFORMANCE.md).
 MAX_SIDE = 512
 
 

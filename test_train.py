@@ -289,8 +289,8 @@ def test_short_run_learns_synthetic_digits(data_dir, tmp_path, capsys):
 
 UNKNOWN_XLA_OPTION = """
 import sys
-import train
-train.XLA_OPTIONS = {**train.XLA_OPTIONS, "xla_made_up_option": True}
+import train, xla
+xla.XLA_OPTIONS = {**xla.XLA_OPTIONS, "xla_made_up_option": True}
 train.main(sys.argv[1:])
 """
 

@@ -31,15 +31,8 @@ import distributed
 import input_pipeline
 import outputs
 from model import CNN
+from xla import jit_with_xla_options
 
-XLA_OPTIONS = {
-    # XLA:CPU hands dots, elementwise ops and reductions to the YNNPACK library: a train step at
-    # batch 32 went from 10.7 to 8.0 ms on 2 cores (PERFORMANCE.md). Other backends ignore it.
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
-    # XLA:GPU sums in a fixed order, so that a rerun or --resume prints the same numbers.
-    "xla_gpu_deterministic_ops": True,
-}
 # Train steps per jitted call (a lax.scan over a stack of batches), and whether the scan is
 # unrolled, by backend. XLA:CPU: 5 unrolled, the measured best (PERFORMANCE.md); a rolled scan is 8x
 # slower there. GPUs and TPUs: a long rolled scan, so that the host's loop and its transfers
@@ -51,34 +44,6 @@ EVAL_BATCH_SIZE = 1000
 # (--learning-rate 1e4: 8.9e15 in epoch 1); healthy runs average at most 0.51 in epoch 1
 # (learning rates 0.001 to 0.1 on MNIST, PERFORMANCE.md).
 DIVERGED_LOSS = 10 * math.log(10)
-
-
-@functools.cache  # once per process: the answer is the installed XLA's
-def xla_options():
-    """XLA_OPTIONS less those the running XLA refuses, each said once on stderr.
-
-    XLA fails every compile that names an option it does not know, and experimental options are
-    renamed or dropped between releases; compiling a no-op with each option tells (10 ms each)."""
-    known = {}
-    for name, value in XLA_OPTIONS.items():
-        try:
-            jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
-            known[name] = value
-        except jax.errors.JaxRuntimeError as e:
-            if jax.process_index() == 0:
-                reason = str(e).splitlines()[0]
-                print(f"note: the XLA of JAX {jax.__version__} refuses {name} ({reason}); "
-                      f"going on with its default", file=sys.stderr)
-    return known
-
-
-def jit_with_xla_options(**jit_kwargs):
-    """functools.partial(jax.jit, **jit_kwargs) with xla_options(), looked up at the first call:
-    importing this file must not start JAX's backend, which jax.distributed.initialize does."""
-    def decorate(fun):
-        jitted = functools.cache(lambda: jax.jit(fun, compiler_options=xla_options(), **jit_kwargs))
-        return functools.wraps(fun)(lambda *args, **kwargs: jitted()(*args, **kwargs))
-    return decorate
 
 
 def backend_calls():
