@@ -752,13 +752,19 @@ def demo_version():
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def ort_web():
+    """The onnxruntime-web files the page loads, from npm's package in .web; skips without them."""
+    if not all((ORT_WEB / "dist" / name).exists() for name in ORT_WEB_FILES):
+        pytest.skip(f"no onnxruntime-web in .web (npm install --prefix .web onnxruntime-web@{demo_version()})")
+    return ORT_WEB
+
+
+@pytest.fixture(scope="module")
+def browser(ort_web, tmp_path_factory):
     """Debian's headless Chromium under selenium; skips with what to install where a piece is missing."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("no chromium and chromedriver on PATH (apt-get install chromium chromium-driver)")
-    if not all((ORT_WEB / "dist" / name).exists() for name in ORT_WEB_FILES):
-        pytest.skip(f"no onnxruntime-web in .web (npm install --prefix .web onnxruntime-web@{demo_version()})")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
@@ -910,14 +916,14 @@ def test_demo_page_opened_as_a_file_says_to_serve_it(browser):
     assert browser.find_element("id", "status").text.startswith("Open this page through a web server")
 
 
-def test_demo_page_pins_the_onnxruntime_web_it_is_tested_with(browser):
+def test_demo_page_pins_the_onnxruntime_web_it_is_tested_with(ort_web):
     """The CDN fallback is the version the tests load from .web, and its integrity hash that file's."""
     import base64
     import hashlib
 
     page = pathlib.Path(HERE, "demo.html").read_text()
-    assert json.loads((ORT_WEB / "package.json").read_text())["version"] == demo_version()
-    digest = base64.b64encode(hashlib.sha384((ORT_WEB / "dist" / "ort.wasm.min.js").read_bytes()).digest()).decode()
+    assert json.loads((ort_web / "package.json").read_text())["version"] == demo_version()
+    digest = base64.b64encode(hashlib.sha384((ort_web / "dist" / "ort.wasm.min.js").read_bytes()).digest()).decode()
     assert f'const ORT_INTEGRITY = "sha384-{digest}";' in page
 
 
@@ -1051,9 +1057,9 @@ def small_disk(tmp_path):
 
 def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(data_dir, small_disk):
     run = run_script("train.py", "--epochs", 3, "--data-dir", data_dir, "--workdir", small_disk)
-    assert_clean_error(run, rf"^error: cannot write {small_disk}/checkpoint.msgpack: No space left on device; "
-                            rf"last checkpoint: {small_disk}/checkpoint.msgpack \(epoch 1\); "
-                            r"free space, then continue with --resume$")
+    checkpoint = re.escape(str(small_disk / "checkpoint.msgpack"))
+    assert_clean_error(run, rf"^error: cannot write {checkpoint}: No space left on device; last checkpoint: "
+                            rf"{checkpoint} \(epoch 1\); free space, then continue with --resume$")
     assert epoch_lines(run.stdout)[-1][:2] == ("test", 2)  # epoch 2 trained, its checkpoint did not fit
     assert train.load_checkpoint(str(small_disk / "checkpoint.msgpack"))[1] == 1
     assert sorted(os.listdir(small_disk)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
@@ -1079,9 +1085,9 @@ def test_file_size_limit(data_dir, trained, tmp_path, args, message):
     """Each script ends with one line when a file it writes cannot grow (RLIMIT_FSIZE, no root
     needed: a write fails as on a full disk or quota), and leaves no partial file behind."""
     fill = {"tmp": tmp_path, "data": data_dir, "ckpt": trained[0] / "checkpoint.msgpack"}
-    run = finish([subprocess.Popen([sys.executable, "-c", FILE_SIZE_LIMIT, "30000", *(str(a).format(**fill) for a in args)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)])[0]
-    assert_clean_error(run, "^error: " + message.format(**fill))
+    command = [sys.executable, "-c", FILE_SIZE_LIMIT, "30000", *(str(a).format(**fill) for a in args)]
+    run = finish([subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)])[0]
+    assert_clean_error(run, "^error: " + message.format(tmp=re.escape(str(tmp_path))))
     assert os.listdir(tmp_path) == []
 
 
