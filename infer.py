@@ -78,9 +78,10 @@ def mnist_like(path):
     from PIL import Image
 
     gray = read_picture(path)
-    if np.median(border(gray)) > 127:  # dark ink on light paper, unlike MNIST
-        gray = 255 - gray
-    ink = np.clip(gray - np.median(border(gray)), 0, None)  # the paper's own shade is not ink
+    paper = np.median(border(gray))
+    if paper > 127:  # dark ink on light paper, unlike MNIST
+        gray, paper = 255 - gray, 255 - paper
+    ink = np.clip(gray - paper, 0, None)  # the paper's own shade is not ink
     rows, cols = np.nonzero(ink > 0.25 * ink.max()) if ink.max() > 0 else ((), ())
     if len(rows) == 0:
         raise ImageError(f"{path} shows no digit (a uniform picture)")
@@ -123,7 +124,8 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--ckpt", nargs="?", const=DEFAULT_CHECKPOINT, default=DEFAULT_CHECKPOINT,
                         help="checkpoint of train.py (no value: train.py's default)")
-    parser.add_argument("--image", nargs="+", metavar="FILE", help="PNG or JPEG pictures to classify")
+    parser.add_argument("--image", nargs="+", metavar="FILE",
+                        help="pictures to classify: PNG, JPEG, GIF, TIFF, WebP, ...")
     parser.add_argument("--data-dir", help="folder with the four IDX files; default: download through TFDS")
     parser.add_argument("--out", help="the 5x5 prediction grid (default: predictions.png beside --ckpt)")
     return parser.parse_args(argv)
