@@ -859,11 +859,14 @@ def page_reading(browser):
 
 @pytest.fixture(scope="module")
 def demo_model(request):
-    """(model.onnx bytes, params): real MNIST's 1-epoch model where MNIST_DATA_DIR is set, so that
-    the screenshot reads real digits; else the synthetic `trained` one; exported fresh by export.py."""
+    """(model.onnx bytes, params), exported fresh by export.py: real MNIST's 1-epoch model where
+    MNIST_DATA_DIR is set, so that the screenshot reads real digits; else the `exported` one."""
     import export
 
-    workdir = request.getfixturevalue("real_trained" if MNIST_DATA_DIR else "trained")[0]
+    if not MNIST_DATA_DIR:
+        onnx_path, _, params = request.getfixturevalue("exported")
+        return onnx_path.read_bytes(), params
+    workdir = request.getfixturevalue("real_trained")[0]
     params = jax.device_get(train.load_checkpoint(str(workdir / "checkpoint.msgpack"))[0].params)
     return export.to_onnx_bytes(params), params
 
