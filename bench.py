@@ -17,11 +17,6 @@ import sys
 import tempfile
 import time
 
-import memory
-
-if __name__ == "__main__":  # before the imports below, which a restart repeats
-    memory.restart_with_huge_pages(__file__)
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +29,8 @@ import train
 import xla
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The environment settings of glibc's malloc that README.md suggests; the table names those set.
+MALLOC_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX")
 
 
 @jax.jit
@@ -57,26 +54,25 @@ def quickstart_compute_metrics(state, metrics, images, labels):
 
 
 def time_ours(images, labels, batch_size, steps, mesh):
-    """Seconds per step of train.train_steps over `steps` batches, after a warm-up call."""
+    """Seconds per step of train.train_steps, as train.py calls it, over `steps` batches, after a
+    warm-up call."""
     state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
-    sums = jax.device_put(jnp.zeros(3), NamedSharding(mesh, P()))
-    steps_per_call, unroll = train.backend_calls()
+    sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
+    steps_per_call, unroll = train.steps_per_call()
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
         input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call),
         -(-steps // steps_per_call) + 1))
-    warm = [stacks[0]] + [s for s in stacks[1:] if len(s[1]) != len(stacks[0][1])][:1]
+    warm = [stacks[0]] + [s for s in stacks[1:] if len(s["label"]) != len(stacks[0]["label"])][:1]
     for stack in warm:  # compile every stack size first
-        state, sums = train.train_steps(state, sums, *(train.shard(mesh, P(None, "batch"), a) for a in stack),
-                                        unroll)
-    sums.block_until_ready()
+        state, sums = train.train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
+    jax.block_until_ready(sums)
     start, done = time.perf_counter(), 0
-    for stack_images, stack_labels in stacks:
+    for stack in stacks:
         if done >= steps:
             break
-        state, sums = train.train_steps(state, sums, train.shard(mesh, P(None, "batch"), stack_images),
-                                        train.shard(mesh, P(None, "batch"), stack_labels), unroll)
-        done += len(stack_labels)
-    sums.block_until_ready()
+        state, sums = train.train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
+        done += len(stack["label"])
+    jax.block_until_ready(sums)
     return (time.perf_counter() - start) / done
 
 
@@ -85,7 +81,7 @@ def time_quickstart(images, labels, batch_size, steps):
     state = train.create_train_state(0, 0.01, 0.9)
     metrics = {k: jnp.zeros(()) for k in ("loss_total", "loss_count", "accuracy_total", "accuracy_count")}
     stacks = itertools.islice(input_pipeline.train_batches(images, labels, batch_size, 0, 1, 1), steps + 1)
-    batches = [(stack_images[0].astype(np.float32) / 255, stack_labels[0]) for stack_images, stack_labels in stacks]
+    batches = [(stack["image"][0].astype(np.float32) / 255, stack["label"][0]) for stack in stacks]
     state = quickstart_train_step(state, *batches[0])
     metrics = quickstart_compute_metrics(state, metrics, *batches[0])
     jax.block_until_ready(metrics)
@@ -114,10 +110,10 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
 
 
 def train_step_flops(batch_size):
-    """FLOPs per image of one training step, from XLA's cost analysis."""
+    """FLOPs per image of train.train_step, from XLA's cost analysis of it as train.py compiles it."""
     state = train.create_train_state(0, 0.01, 0.9)
-    images, labels = jnp.zeros((batch_size, 28, 28, 1), jnp.uint8), jnp.zeros(batch_size, jnp.int32)
-    cost = jax.jit(train.train_step).lower(state, images, labels).compile().cost_analysis()
+    batch = {"image": jnp.zeros((batch_size, 28, 28, 1), jnp.uint8), "label": jnp.zeros(batch_size, jnp.int32)}
+    cost = train.train_step.lower(state, batch).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
 
 
@@ -193,13 +189,13 @@ def step_breakdown(images, labels, mesh, batch_size=32):
         seconds, cost = time_call(fn, args)
         flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
         rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
-    steps_per_call, _ = train.backend_calls()
+    steps_per_call, _ = train.steps_per_call()
     steps = len(images) // batch_size
     gather = time_it(lambda: sum(1 for _ in input_pipeline.train_batches(  # a whole epoch's shuffle and gathers
         images, labels, batch_size, 0, 1, steps_per_call))) / steps
     stack = next(input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call))
     send = statistics.median(time_it(lambda: jax.block_until_ready(
-        [train.shard(mesh, P(None, "batch"), a) for a in stack])) for _ in range(20)) / steps_per_call
+        train.shard(mesh, stack, batch_axis=1))) for _ in range(20)) / steps_per_call
     rows += [("host: shuffle and gather the batches", 1e3 * gather, 0, 0),
              (f"host: send them to the device, {steps_per_call} steps per call", 1e3 * send, 0, 0)]
     return rows, 1e3 * time_call(lambda x: x, (jnp.zeros(()),))[0]
@@ -261,7 +257,8 @@ def main():
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
                              "data": "MNIST" if args.data_dir else "random",
-                             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+                             "malloc_settings": " ".join(f"{name}={os.environ[name]}" for name in MALLOC_SETTINGS
+                                                         if name in os.environ)}
         seconds = {batch_size: ([], []) for batch_size in (32, 128)}  # ours, the quick start's
         for _ in range(args.rounds):  # both batch sizes in every round: drift hits them alike
             for batch_size in seconds:
@@ -278,9 +275,9 @@ def main():
                      (f"train, batch {batch_size}, ours: one epoch of {len(images)} images",
                       f"{len(images) // batch_size * ours:.2f} s")]
         test_images, test_labels = data["test"]
-        params = train.create_train_state(0, 0.01, 0.9).params
-        train.evaluate(params, mesh, test_images, test_labels)
-        eval_seconds = min(time_it(lambda: train.evaluate(params, mesh, test_images, test_labels)) for _ in range(3))
+        state = train.create_train_state(0, 0.01, 0.9)
+        train.evaluate(state, mesh, test_images, test_labels)
+        eval_seconds = min(time_it(lambda: train.evaluate(state, mesh, test_images, test_labels)) for _ in range(3))
         flops = train_step_flops(32)
         achieved = flops * figures["batch32"]["ours_images_per_s"] / 1e9
         figures.update(eval_seconds=eval_seconds, train_flops_per_image=flops, achieved_gflops=achieved)
@@ -310,7 +307,7 @@ def main():
                  ("python infer.py --ckpt: start to accuracy", f"{infer_seconds:.1f} s")]
     print(f"{figures['device']} ({figures['cpu_count']} CPUs, {figures['machine']}), "
           f"{figures['data']} data, medians of {args.rounds} rounds"
-          + (f", GLIBC_TUNABLES={figures['glibc_tunables']}" if figures["glibc_tunables"] else ""))
+          + (f", {figures['malloc_settings']}" if figures["malloc_settings"] else ""))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -67,8 +67,15 @@ def start(args):
         raise StartError(f"jax.distributed could not start: {str(e).splitlines()[0]}") from None
 
 
+def lost_peer(error):
+    """Whether `error` is a collective that failed because another process is gone: Gloo, JAX's
+    transport between CPU processes, and the coordination service name themselves in it."""
+    return isinstance(error, (jax.errors.JaxRuntimeError, ValueError)) and any(
+        name in str(error) for name in ("Gloo", "gloo", "coordination service"))
+
+
 def lost_peer_message(error):
-    """The line for a collective that failed because another process is gone (Gloo: ValueError)."""
+    """The line for a collective that failed because another process is gone."""
     return (f"error: process {jax.process_index()} lost another process ({str(error).splitlines()[0]}); "
             f"once all are up again, continue with --resume")
 

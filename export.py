@@ -25,13 +25,9 @@ ONNX_OPSET = 13
 JAX_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
-class ExportError(Exception):
-    """The export cannot be written; the message says why and what to do."""
-
-
-def classifier(params):
+def classifier(state):
     """The exported function: uint8 images [N, 28, 28, 1] -> class probabilities [N, 10]."""
-    return lambda images: jax.nn.softmax(train.logits(params, images))
+    return lambda images: jax.nn.softmax(state.apply_fn({"params": state.params}, images.astype(jnp.float32) / 255))
 
 
 def images_spec():
@@ -40,36 +36,38 @@ def images_spec():
     return jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.uint8)
 
 
-def to_onnx_bytes(params):
+def to_onnx_bytes(state):
     """The classifier as an ONNX model, serialized; input 'images', output 'probabilities'."""
     from jax2onnx import to_onnx
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # warns of untyped shape constants it skips
-    model = to_onnx(classifier(params), [images_spec()], opset=ONNX_OPSET, model_name="mnist_cnn",
+    model = to_onnx(classifier(state), [images_spec()], opset=ONNX_OPSET, model_name="mnist_cnn",
                     input_names=["images"], output_names=["probabilities"])
     return model.SerializeToString()
 
 
-def to_jax_bytes(params):
+def to_jax_bytes(state):
     """The classifier as a serialized jax.export, for every platform in JAX_PLATFORMS."""
-    exported = jax.export.export(jax.jit(classifier(params)), platforms=JAX_PLATFORMS)(images_spec())
+    exported = jax.export.export(jax.jit(classifier(state)), platforms=JAX_PLATFORMS)(images_spec())
     return bytes(exported.serialize())
 
 
 FORMATS = {".onnx": to_onnx_bytes, ".jax": to_jax_bytes}
 
 
-def check_destination(path):
-    """ExportError unless path has a known suffix and its folder exists and is writable."""
+def destination_problem(path):
+    """Why path cannot be written as an export, before any work: an unknown suffix, or a folder
+    that does not exist or is not writable; None if it can."""
     suffix = os.path.splitext(path)[1]
     if suffix not in FORMATS:
-        raise ExportError(f"{path}: unknown export format {suffix or '(no suffix)'}; "
-                          f"name the file *.onnx (ONNX) or *.jax (jax.export)")
+        return (f"{path}: unknown export format {suffix or '(no suffix)'}; "
+                f"name the file *.onnx (ONNX) or *.jax (jax.export)")
     folder = os.path.dirname(path) or "."
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise ExportError(f"cannot write into {folder} ({e.strerror}); pick an existing, writable folder") from None
+        return f"cannot write into {folder} ({e.strerror}); pick an existing, writable folder"
+    return None
 
 
 def parse_args(argv=None):
@@ -79,25 +77,26 @@ def parse_args(argv=None):
     parser.add_argument("out", nargs="+", help="files to write: *.onnx, *.jax")
     parser.add_argument("--ckpt", default=DEFAULT_CHECKPOINT,
                         help=f"checkpoint of train.py (default: {DEFAULT_CHECKPOINT})")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for path in args.out:
+        if problem := destination_problem(path):
+            parser.error(problem)
+    return args
 
 
 def main(argv=None):
     """Writes each export whole or not at all; every error a user can cause is one line on stderr."""
     args = parse_args(argv)
     try:
-        for path in args.out:
-            check_destination(path)
         state, epoch, _, _ = train.load_checkpoint(args.ckpt)
-        params = jax.device_get(state.params)
         for path in args.out:
             start = time.perf_counter()
-            outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](params))
+            outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))
             print(f"wrote {path}: epoch {epoch} of {args.ckpt}, {os.path.getsize(path) / 1e6:.1f} MB, "
                   f"{time.perf_counter() - start:.1f} s")
-    except (ExportError, outputs.CheckpointError) as e:
+    except outputs.CheckpointError as e:
         sys.exit(f"error: {e}")
-    except outputs.WriteError as e:  # the disk filled up, or the folder went away, while writing
+    except OSError as e:  # the disk filled up, or the folder went away, while writing
         sys.exit(f"error: {e}; free space or pick another folder")
     except KeyboardInterrupt:  # write_atomic removed its temp file
         sys.exit("interrupted; no partial file was left")

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import input_pipeline
@@ -99,9 +100,9 @@ def mnist_like(path):
 
 
 @jax.jit
-def predict(params, images):
+def predict(state, images):
     """Class probabilities [N, 10] of uint8 images [N, 28, 28, 1]."""
-    return jax.nn.softmax(train.logits(params, images))
+    return jax.nn.softmax(state.apply_fn({"params": state.params}, images.astype(jnp.float32) / 255))
 
 
 def grid_figure(images, predicted, labels):
@@ -136,15 +137,15 @@ def run(args):
     state, epoch, config, _ = train.load_checkpoint(args.ckpt)
     if args.image:
         images = np.stack([mnist_like(path) for path in args.image])
-        for path, probs in zip(args.image, np.asarray(predict(state.params, images))):
+        for path, probs in zip(args.image, np.asarray(predict(state, images))):
             first, second, third = np.argsort(probs)[::-1][:3]
             print(f"{path}: {first} ({100 * probs[first]:.1f}%), then {second} ({100 * probs[second]:.1f}%), "
                   f"{third} ({100 * probs[third]:.1f}%)")
         return
     images, labels = input_pipeline.load_dataset(config["dataset"], args.data_dir, ["test"])["test"]
-    loss, accuracy = train.evaluate(state.params, train.make_mesh(), images, labels)
-    print(f"test epoch: {epoch}, loss: {loss:.5f}, accuracy: {accuracy:.2f}", flush=True)
-    predicted = np.asarray(predict(state.params, images[:25])).argmax(-1)
+    tested = train.evaluate(state, train.make_mesh(), images, labels)
+    print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}", flush=True)
+    predicted = np.asarray(predict(state, images[:25])).argmax(-1)
     print("predicted:", " ".join(map(str, predicted)))
     print("true:     ", " ".join(map(str, labels[:25])))
     out = args.out or os.path.join(os.path.dirname(args.ckpt), "predictions.png")
@@ -159,7 +160,7 @@ def main(argv=None):
         run(args)
     except (outputs.CheckpointError, input_pipeline.DataError, ImageError) as e:
         sys.exit(f"error: {e}")
-    except outputs.WriteError as e:  # --out: a full disk, a folder that does not exist
+    except OSError as e:  # writing --out: a full disk, a folder that does not exist
         sys.exit(f"error: {e}; free space or pick another folder")
 
 

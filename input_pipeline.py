@@ -122,23 +122,23 @@ def epoch_order(num_examples, seed, epoch):
 
 
 def train_batches(images, labels, batch_size, seed, epoch, steps_per_call):
-    """Yields shuffled batches stacked by steps_per_call: images [k, B, 28, 28, 1], labels [k, B].
-
-    The last incomplete batch is dropped; the last stack may hold fewer than steps_per_call.
-    """
+    """Yields shuffled batches stacked by steps_per_call: {"image": uint8 [k, B, 28, 28, 1],
+    "label": int32 [k, B]}. The last incomplete batch is dropped; the last stack may hold fewer
+    than steps_per_call."""
     num_batches = len(images) // batch_size
     order = epoch_order(len(images), seed, epoch)[:num_batches * batch_size]
     order = order.reshape(num_batches, batch_size)
     for start in range(0, num_batches, steps_per_call):
         index = order[start:start + steps_per_call]
-        yield images[index], labels[index]
+        yield {"image": images[index], "label": labels[index]}
 
 
 def eval_batches(images, labels, batch_size):
-    """Yields (images, labels, mask) covering every example once; the last batch is padded, mask 0."""
+    """Yields {"image", "label", "mask"} batches covering every example once; the last is padded,
+    with mask 0 on the padding."""
     for start in range(0, len(images), batch_size):
         batch_images, batch_labels = images[start:start + batch_size], labels[start:start + batch_size]
         pad = batch_size - len(batch_images)
-        mask = np.concatenate([np.ones(len(batch_images), np.float32), np.zeros(pad, np.float32)])
-        yield (np.pad(batch_images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-               np.pad(batch_labels, (0, pad)), mask)
+        yield {"image": np.pad(batch_images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+               "label": np.pad(batch_labels, (0, pad)),
+               "mask": np.concatenate([np.ones(len(batch_images), np.float32), np.zeros(pad, np.float32)])}

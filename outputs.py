@@ -16,11 +16,6 @@ class CheckpointError(Exception):
     """A checkpoint, or --workdir, cannot be read, written or used; the message names the file."""
 
 
-class WriteError(Exception):
-    """A file cannot be written (disk full, quota, read-only); the message names it and the reason.
-    What the file held before is untouched."""
-
-
 def make_workdir(workdir):
     """Creates workdir; CheckpointError before any training if files cannot be written there."""
     try:
@@ -32,7 +27,8 @@ def make_workdir(workdir):
 
 def write_atomic(path, data):
     """Writes bytes to path via a temp file and os.replace: readers see the old or the new file.
-    WriteError when it cannot, with no temp file left behind."""
+    When it cannot (disk full, quota, read-only), OSError naming the file and the reason, with the
+    file as it was and no temp file left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -41,7 +37,7 @@ def write_atomic(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror}") from None
+        raise OSError(f"cannot write {path}: {e.strerror}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

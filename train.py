@@ -1,7 +1,9 @@
 """Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`. `--help` lists the flags.
 
-Data parallel over every device (jax.sharding): batches are split along the batch axis, the
-parameters and optimizer state are replicated, and jit inserts the gradient all-reduce.
+Top to bottom: the state, the jitted train_step and eval_step, the epoch loop and its log. Then
+what makes them fast and safe: several steps per jitted call, data parallelism over every device
+(batches split along the batch axis, parameters replicated, jit adds the gradient all-reduce),
+checkpoints, exact resume, and one line on stderr for every error a user can cause.
 """
 import argparse
 import functools
@@ -11,11 +13,7 @@ import signal
 import sys
 import threading
 import time
-
-import memory
-
-if __name__ == "__main__":  # before the imports below (2.6 s), which a restart repeats
-    memory.restart_with_huge_pages(__file__)
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -30,83 +28,160 @@ from tqdm import tqdm
 import distributed
 import input_pipeline
 import outputs
+import xla
 from model import CNN
-from xla import jit_with_xla_options
 
-# Train steps per jitted call (a lax.scan over a stack of batches), and whether the scan is
-# unrolled, by backend. XLA:CPU: 5 unrolled, the measured best (PERFORMANCE.md); a rolled scan is 8x
-# slower there. GPUs and TPUs: a long rolled scan, so that the host's loop and its transfers
-# (numpy batches, one call at a time) stop setting the pace.
-CALLS = {"cpu": (5, True)}
-ACCELERATOR_CALLS = (500, False)
 EVAL_BATCH_SIZE = 1000
-# Guessing gives a loss of ln 10 = 2.30. An epoch that averages far above it has diverged
-# (--learning-rate 1e4: 8.9e15 in epoch 1); healthy runs average at most 0.51 in epoch 1
-# (learning rates 0.001 to 0.1 on MNIST, PERFORMANCE.md).
+# Train steps per jitted call, and whether lax.scan unrolls them, by backend (PERFORMANCE.md,
+# section 6). XLA:CPU: 5, unrolled, since in a rolled loop it runs the gradient convolutions as
+# plain loops. Accelerators: a long rolled scan, so that the host's loop does not set the pace.
+STEPS_PER_CALL = {"cpu": (5, True)}
+ACCELERATOR_STEPS_PER_CALL = (500, False)
+# Guessing gives a loss of ln 10 = 2.30: an epoch that averages far above it has diverged.
 DIVERGED_LOSS = 10 * math.log(10)
 
 
-def backend_calls():
-    """(steps per call, unrolled) for the backend JAX runs on."""
-    return CALLS.get(jax.default_backend(), ACCELERATOR_CALLS)
-
-
-class TrainingError(Exception):
-    """Training cannot start or go on; the message says why and what to do."""
-
-
-class SettingsError(TrainingError):
-    """The flags do not fit the devices: every process of a distributed run finds it alike."""
-
-
-@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum"))  # one compilation, not one per op
-def create_train_state(seed, learning_rate, momentum):
-    """A fresh TrainState: CNN parameters from jax.random.key(seed), SGD with momentum."""
-    model = CNN()
+@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum", "model"))  # one compilation, not one per op
+def create_train_state(seed, learning_rate, momentum, model=CNN()):
+    """A fresh TrainState: the model's parameters from jax.random.key(seed), SGD with momentum."""
     params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                         tx=optax.sgd(learning_rate, momentum))
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(learning_rate, momentum))
 
 
-def logits(params, images):
-    """The model's logits of uint8 images."""
-    return CNN().apply({"params": params}, images.astype(jnp.float32) / 255)
+@functools.partial(jax.jit, donate_argnames="state", compiler_options=xla.XLA_OPTIONS)
+def train_step(state, batch):
+    """One SGD step on a batch of uint8 images; returns the new state and the batch's metric sums."""
+    images = batch["image"].astype(jnp.float32) / 255
 
-
-def metric_sums(batch_logits, labels, mask):
-    """[loss sum, correct count, example count] over the examples where mask is 1."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(batch_logits, labels)
-    correct = batch_logits.argmax(-1) == labels
-    return jnp.stack([(losses * mask).sum(), (correct * mask).sum(), mask.sum()])
-
-
-def train_step(state, images, labels):
-    """One SGD step on a uint8 batch; returns the new state and the batch's metric sums."""
     def loss_fn(params):
-        batch_logits = logits(params, images)
-        return optax.softmax_cross_entropy_with_integer_labels(batch_logits, labels).mean(), batch_logits
+        logits = state.apply_fn({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), logits
 
-    grads, batch_logits = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), metric_sums(batch_logits, labels, jnp.ones(labels.shape))
-
-
-@jit_with_xla_options(donate_argnums=0, static_argnames="unroll")
-def train_steps(state, sums, images, labels, unroll=True):
-    """train_step over a stack of batches [k, B, ...]; adds their metric sums to `sums`."""
-    if len(images) == 1:
-        # lax.scan emits a while loop for a single step even unrolled, and XLA:CPU runs the
-        # convolution gradients inside a loop as plain loops: 270 ms a step, not 14 (PERFORMANCE.md).
-        state, batch_sums = train_step(state, images[0], labels[0])
-        return state, sums + batch_sums
-    state, batch_sums = jax.lax.scan(lambda s, batch: train_step(s, *batch), state,
-                                     (images, labels), unroll=unroll)
-    return state, sums + batch_sums.sum(0)
+    grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), metric_sums(logits, batch["label"], jnp.ones(batch["label"].shape))
 
 
-@jit_with_xla_options()
-def eval_step(params, images, labels, mask):
-    """Metric sums of one padded evaluation batch."""
-    return metric_sums(logits(params, images), labels, mask)
+@functools.partial(jax.jit, compiler_options=xla.XLA_OPTIONS)
+def eval_step(state, batch):
+    """The metric sums of an evaluation batch, whose padding (mask 0) does not count."""
+    logits = state.apply_fn({"params": state.params}, batch["image"].astype(jnp.float32) / 255)
+    return metric_sums(logits, batch["label"], batch["mask"])
+
+
+def metric_sums(logits, labels, mask):
+    """Loss sum, correct count and example count where mask is 1: sums, so that an epoch's
+    metrics are exact whatever its batches."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {"loss": (losses * mask).sum(), "correct": ((logits.argmax(-1) == labels) * mask).sum(),
+            "count": mask.sum()}
+
+
+@functools.partial(jax.jit, donate_argnames="state", static_argnames="unroll", compiler_options=xla.XLA_OPTIONS)
+def train_steps(state, sums, batches, unroll=True):
+    """train_step over a stack of batches [k, B, ...] in one call; adds their metric sums to sums."""
+    step = train_step.__wrapped__  # the step unjitted: a jit with compiler_options cannot be nested
+    if len(batches["label"]) == 1:
+        # lax.scan makes a while loop even of one step, and XLA:CPU runs the gradient convolutions
+        # inside a loop as plain loops (PERFORMANCE.md, section 6).
+        state, batch_sums = step(state, jax.tree.map(lambda a: a[0], batches))
+        return state, jax.tree.map(jnp.add, sums, batch_sums)
+    state, batch_sums = jax.lax.scan(step, state, batches, unroll=unroll)
+    return state, jax.tree.map(lambda total, stacked: total + stacked.sum(0), sums, batch_sums)
+
+
+def steps_per_call():
+    """(steps per jitted call, unrolled) for the backend JAX runs on."""
+    return STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
+
+
+def train_epoch(state, mesh, images, labels, config, epoch, calls):
+    """One pass over the training set in calls of `calls` = (steps, unrolled) steps; returns the
+    state and the epoch's {"loss", "accuracy", "seconds"}."""
+    steps, unroll = calls
+    run_steps = xla.without_refused_options(train_steps, donate_argnames="state", static_argnames="unroll")
+    sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
+    start, in_flight = time.perf_counter(), []
+    with tqdm(total=len(images) // config["batch_size"], unit="step", leave=False,
+              disable=not sys.stderr.isatty() or jax.process_index() > 0) as bar:
+        for batches in input_pipeline.train_batches(images, labels, config["batch_size"], config["seed"],
+                                                    epoch, steps):
+            state, sums = run_steps(state, sums, shard(mesh, batches, batch_axis=1), unroll)
+            # JAX runs calls asynchronously. Two in flight, not the whole epoch: XLA:CPU with several
+            # devices on few cores deadlocks with a deep queue, and a NaN loss stops the run at once.
+            in_flight.append(sums["loss"])
+            if len(in_flight) > 2 and not np.isfinite(float(in_flight.pop(0))):
+                break
+            bar.update(len(batches["label"]))
+    totals = {name: float(np.float64(value)) for name, value in jax.device_get(sums).items()}
+    loss = totals["loss"] / totals["count"]
+    if not loss < DIVERGED_LOSS:  # also catches nan
+        raise TrainingError(f"the loss became {loss:.4g} in epoch {epoch}; lower --learning-rate")
+    return state, {"loss": loss, "accuracy": 100 * totals["correct"] / totals["count"],
+                   "seconds": time.perf_counter() - start}
+
+
+def evaluate(state, mesh, images, labels):
+    """{"loss", "accuracy"} over every example: the last batch is padded and its padding masked out."""
+    run_eval = xla.without_refused_options(eval_step)
+    batch_size = -(-EVAL_BATCH_SIZE // jax.device_count()) * jax.device_count()
+    sums = jax.device_get([run_eval(state, shard(mesh, batch, batch_axis=0))
+                           for batch in input_pipeline.eval_batches(images, labels, batch_size)])
+    totals = {name: np.sum([s[name] for s in sums], dtype=np.float64) for name in sums[0]}
+    return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(100 * totals["correct"] / totals["count"])}
+
+
+def train(args, interrupted):
+    """Trains and evaluates epoch by epoch, printing the log and writing checkpoint, history and
+    plot after each; raises KeyboardInterrupt between epochs once `interrupted` is set."""
+    config = {key: getattr(args, key) for key in outputs.CONFIG_KEYS}
+    mesh = make_mesh()
+    if config["batch_size"] % jax.device_count():
+        raise TrainingError(f"--batch-size {config['batch_size']} is not divisible by the {jax.device_count()} "
+                            f"devices; pick a multiple of {jax.device_count()}", every_process=True)
+    is_main_process = jax.process_index() == 0  # it alone prints and writes
+    if is_main_process:
+        outputs.make_workdir(args.workdir)
+    data = input_pipeline.load_dataset(args.dataset, args.data_dir)
+    train_images, train_labels = data["train"]
+    if config["batch_size"] > len(train_images):
+        raise TrainingError(f"--batch-size {config['batch_size']} is larger than the {len(train_images)} training images")
+    state, done, history = resume_or_start(args, config, is_main_process)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    images_per_epoch = len(train_images) // config["batch_size"] * config["batch_size"]
+    for epoch in range(done + 1, args.epochs + 1):
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        state, trained = train_epoch(state, mesh, train_images, train_labels, config, epoch, steps_per_call())
+        tested = evaluate(state, mesh, *data["test"])
+        history.append({"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
+                        "test_loss": tested["loss"], "test_accuracy": tested["accuracy"],
+                        "epoch_time": trained["seconds"]})
+        if is_main_process:
+            print(f"train epoch: {epoch}, loss: {trained['loss']:.5f}, accuracy: {trained['accuracy']:.2f}")
+            print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}")
+            print(f"epoch {epoch} time: {trained['seconds']:.2f} s, "
+                  f"{images_per_epoch / trained['seconds']:.0f} images/s", flush=True)
+            outputs.save(args.workdir, state, epoch, config, history)
+    return state
+
+
+def resume_or_start(args, config, is_main_process):
+    """(state, epochs done, history): from the checkpoint in --workdir with --resume, else fresh.
+    Process 0 alone reads the checkpoint and sends it to the others: hosts need no shared folder."""
+    if not (args.resume and is_main_process):
+        state, done, history = create_train_state(args.seed, args.learning_rate, args.momentum), 0, []
+    else:
+        path = os.path.join(args.workdir, outputs.CHECKPOINT)
+        state, done, saved_config, history = load_checkpoint(path)
+        changed = [f"--{key.replace('_', '-')} {config[key]} (checkpoint: {saved_config[key]})"
+                   for key in outputs.CONFIG_KEYS if config[key] != saved_config[key]]
+        if changed:
+            raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
+        if done >= args.epochs:
+            print(f"{path} already holds epoch {done}; pass a larger --epochs to go on")
+    if args.resume:
+        state, done = multihost_utils.broadcast_one_to_all((state, done))
+    return state, int(done), history
 
 
 def make_mesh():
@@ -114,47 +189,16 @@ def make_mesh():
     return jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def shard(mesh, spec, array):
-    """A global array from this process's share of `array`, split along the axis named 'batch'."""
-    axis = spec.index("batch")
-    share = array.shape[axis] // jax.process_count()
-    local = np.take(array, np.arange(share) + jax.process_index() * share, axis=axis)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
+def shard(mesh, arrays, batch_axis):
+    """Global arrays from this process's share of each numpy array in `arrays`, split over the
+    mesh along batch_axis."""
+    spec = P(*[None] * batch_axis, "batch")
 
-
-def train_epoch(state, mesh, images, labels, config, epoch, calls):
-    """One pass over the training set in jitted calls of `calls` = (steps, unrolled); returns
-    the state and [loss, accuracy %, seconds]."""
-    steps_per_call, unroll = calls
-    sums = jax.device_put(jnp.zeros(3), NamedSharding(mesh, P()))
-    batches = input_pipeline.train_batches(images, labels, config["batch_size"], config["seed"],
-                                           epoch, steps_per_call)
-    steps = len(images) // config["batch_size"]
-    start, in_flight = time.perf_counter(), []
-    with tqdm(total=steps, disable=not sys.stderr.isatty() or jax.process_index() > 0, leave=False,
-              unit="step") as bar:
-        for stack_images, stack_labels in batches:
-            state, sums = train_steps(state, sums, shard(mesh, P(None, "batch"), stack_images),
-                                      shard(mesh, P(None, "batch"), stack_labels), unroll)
-            # Keep two calls in flight, not the whole epoch: XLA:CPU with several devices on few
-            # cores deadlocks with a deep queue, and a NaN loss stops the run within a few steps.
-            in_flight.append(sums)
-            if len(in_flight) > 2 and not np.isfinite(float(in_flight.pop(0)[0])):
-                break
-            bar.update(len(stack_labels))
-        loss_sum, correct, count = np.asarray(sums, np.float64)
-    if not loss_sum / count < DIVERGED_LOSS:  # also catches nan
-        raise TrainingError(f"the loss became {loss_sum / count:.4g} in epoch {epoch}; lower --learning-rate")
-    return state, [float(loss_sum / count), float(100 * correct / count), time.perf_counter() - start]
-
-
-def evaluate(params, mesh, images, labels):
-    """[loss, accuracy %] over every example: the last batch is padded and masked out."""
-    batch_size = -(-EVAL_BATCH_SIZE // jax.device_count()) * jax.device_count()
-    batch_sums = [eval_step(params, *(shard(mesh, P("batch"), a) for a in batch))
-                  for batch in input_pipeline.eval_batches(images, labels, batch_size)]
-    loss_sum, correct, count = np.sum(jax.device_get(batch_sums), 0, np.float64)
-    return [float(loss_sum / count), float(100 * correct / count)]
+    def global_array(array):
+        share = array.shape[batch_axis] // jax.process_count()
+        local = np.take(array, np.arange(share) + jax.process_index() * share, axis=batch_axis)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
+    return jax.tree.map(global_array, arrays)
 
 
 def load_checkpoint(path):
@@ -162,13 +206,21 @@ def load_checkpoint(path):
     checkpoint = outputs.read_checkpoint(path)
     config = checkpoint["config"]
     # The shapes alone: eval_shape traces create_train_state without compiling or running it.
-    target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"],
-                                                       config["momentum"]))
+    target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"], config["momentum"]))
     saved, expected = checkpoint["state"], serialization.to_state_dict(target)
     if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
             np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
         raise outputs.CheckpointError(f"{path} does not fit this model (other parameter shapes)")
     return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
+
+
+class TrainingError(Exception):
+    """Training cannot start or go on; the message says why and what to do. every_process: every
+    process of a distributed run finds it alike (flags that do not fit the devices)."""
+
+    def __init__(self, message, every_process=False):
+        super().__init__(message)
+        self.every_process = every_process
 
 
 def positive(kind):
@@ -185,7 +237,7 @@ def positive(kind):
 
 
 def parse_args(argv=None):
-    """The command line; defaults are the Flax quick start's."""
+    """The command line; the defaults are the Flax quick start's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--epochs", type=positive(int), default=10, help="train up to this epoch")
@@ -194,66 +246,13 @@ def parse_args(argv=None):
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and shuffling")
     parser.add_argument("--dataset", choices=input_pipeline.DATASETS, default="mnist")
-    parser.add_argument("--data-dir", help="folder with the four IDX files (raw or .gz); "
-                        "default: download through TFDS")
+    parser.add_argument("--data-dir", help="folder with the four IDX files (raw or .gz); default: download through TFDS")
     parser.add_argument("--workdir", default="./workdir", help="where checkpoint, history and plot go")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     distributed.add_flags(parser, positive(int))
     args = parser.parse_args(argv)
     distributed.check_flags(parser, args)
     return args
-
-
-def train(args, interrupted):
-    """Trains and evaluates epoch by epoch, writing checkpoint, history and plot after each;
-    stops with KeyboardInterrupt between epochs once the `interrupted` event is set."""
-    config = {key: getattr(args, key) for key in outputs.CONFIG_KEYS}
-    mesh = make_mesh()
-    if config["batch_size"] % jax.device_count():
-        raise SettingsError(f"--batch-size {config['batch_size']} is not divisible by the "
-                            f"{jax.device_count()} devices; pick a multiple of {jax.device_count()}")
-    writer = jax.process_index() == 0
-    checkpoint_path = os.path.join(args.workdir, outputs.CHECKPOINT)
-    if writer:
-        outputs.make_workdir(args.workdir)
-    data = input_pipeline.load_dataset(args.dataset, args.data_dir)
-    train_images, train_labels = data["train"]
-    if config["batch_size"] > len(train_images):
-        raise TrainingError(f"--batch-size {config['batch_size']} is larger than the "
-                            f"{len(train_images)} training images")
-    if args.resume and writer:
-        state, done, saved_config, history = load_checkpoint(checkpoint_path)
-        changed = [f"--{k.replace('_', '-')} {config[k]} (checkpoint: {saved_config[k]})"
-                   for k in outputs.CONFIG_KEYS if config[k] != saved_config[k]]
-        if changed:
-            raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
-        if done >= args.epochs:
-            print(f"{checkpoint_path} already holds epoch {done}; pass a larger --epochs to go on")
-    else:
-        state, done, history = create_train_state(args.seed, args.learning_rate, args.momentum), 0, []
-    if args.resume:
-        # Process 0 alone writes checkpoints, so it alone reads one and sends it to the others:
-        # their hosts need no shared --workdir.
-        state, done = multihost_utils.broadcast_one_to_all((state, done))
-    state, first_epoch = jax.device_put(state, NamedSharding(mesh, P())), int(done) + 1
-    calls = backend_calls()
-    for epoch in range(first_epoch, args.epochs + 1):
-        if interrupted.is_set():
-            raise KeyboardInterrupt
-        state, (train_loss, train_accuracy, seconds) = train_epoch(
-            state, mesh, train_images, train_labels, config, epoch, calls)
-        test_loss, test_accuracy = evaluate(state.params, mesh, *data["test"])
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                        "test_loss": test_loss, "test_accuracy": test_accuracy, "epoch_time": seconds})
-        if writer:
-            print(f"train epoch: {epoch}, loss: {train_loss:.5f}, accuracy: {train_accuracy:.2f}")
-            print(f"test epoch: {epoch}, loss: {test_loss:.5f}, accuracy: {test_accuracy:.2f}")
-            print(f"epoch {epoch} time: {seconds:.2f} s, "
-                  f"{len(train_labels) // config['batch_size'] * config['batch_size'] / seconds:.0f} images/s",
-                  flush=True)
-            outputs.save(args.workdir, state, epoch, config, history)
-        memory.release_free_memory()
-    return state
 
 
 def last_checkpoint(workdir):
@@ -269,12 +268,11 @@ def last_checkpoint(workdir):
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
-    memory.limit_arenas()
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
         # The event too: a KeyboardInterrupt raised inside JAX's garbage-collection callback is
-        # swallowed there (seen in 1 of 15 runs), so train() checks the event between epochs.
+        # swallowed there, so train() checks the event between epochs.
         interrupted.set()
         raise KeyboardInterrupt
 
@@ -287,16 +285,18 @@ def main(argv=None):
         train(args, interrupted)
         return
     except (TrainingError, outputs.CheckpointError, input_pipeline.DataError, distributed.StartError) as e:
-        message, every_process = f"error: {e}", isinstance(e, SettingsError)
-    except outputs.WriteError as e:  # a full disk, a quota: the previous files are intact
+        message, every_process = f"error: {e}", getattr(e, "every_process", False)
+    except OSError as e:  # a write failed (full disk, quota): the files of the last epoch are intact
         saved, go_on = last_checkpoint(args.workdir)
         message = f"error: {e}; {saved}; free space, then {go_on}"
     except KeyboardInterrupt:
         message = "interrupted; {}; {}".format(*last_checkpoint(args.workdir))
-    except (jax.errors.JaxRuntimeError, ValueError) as e:  # a collective whose peer is gone (Gloo: ValueError)
+    except Exception as e:
         if not args.distributed:
-            raise
-        message = distributed.lost_peer_message(e)
+            raise  # a bug: its traceback
+        # Another process is gone, or a bug, whose traceback leave() prints: JAX's own exit would
+        # wait for the other processes, then abort.
+        message = distributed.lost_peer_message(e) if distributed.lost_peer(e) else traceback.format_exc().rstrip()
     if args.distributed:
         distributed.leave(message, every_process)
     sys.exit(message)
