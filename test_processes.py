@@ -1,0 +1,334 @@
+"""What only a process shows: the command line end to end, signals, kill -9, a file that cannot
+grow, no network, simulated devices, several processes and Open MPI."""
+import concurrent.futures
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import train
+from conftest import (HERE, assert_clean_error, closed_port, epoch_lines, finish, proxy_settings, run_script,
+                      start_script)
+
+
+def read_until(process, text):
+    """Reads the process's stdout up to the first line that holds text; fails if it ends first."""
+    for line in process.stdout:
+        if text in line:
+            return
+    pytest.fail(f"the process ended without printing {text!r}: {process.wait()}")
+
+
+def test_cli_end_to_end_prints_the_log_of_the_in_process_run(data_dir, trained, tmp_path):
+    """`python train.py` from --data-dir prints what train() printed in the test process from
+    TFDS's cache, and writes every output."""
+    run = run_script("train.py", "--epochs", 2, "--data-dir", data_dir, "--workdir", tmp_path)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert epoch_lines(run.stdout) == epoch_lines(trained[1]) and len(epoch_lines(run.stdout)) == 4
+    assert re.search(r"^epoch 2 time: \d+\.\d\d s, \d+ images/s$", run.stdout, re.M)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+
+
+def cpu_devices(count):
+    """Environment for `count` simulated CPU devices, also where a GPU is the default backend."""
+    return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+
+
+def test_several_devices_give_the_metrics_of_one(data_dir, trained, tmp_path):
+    one_device = json.loads((trained[0] / "history.json").read_text())[0]  # epoch 1 of the same run
+    runs = finish([start_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir",
+                                tmp_path / str(devices), env=cpu_devices(devices)) for devices in (2, 4)])
+    for devices, run in zip((2, 4), runs):
+        assert run.returncode == 0, run.stderr
+        history = json.loads((tmp_path / str(devices) / "history.json").read_text())[0]
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert history[key] == pytest.approx(one_device[key], rel=1e-4), (devices, key)
+
+
+def test_batch_size_not_divisible_by_devices(data_dir, tmp_path):
+    run = run_script("train.py", "--batch-size", 30, "--data-dir", data_dir, "--workdir", tmp_path,
+                     env=cpu_devices(4))
+    assert_clean_error(run, r"--batch-size 30 is not divisible by the 4 devices; pick a multiple of 4")
+
+
+# --- no network, signals, kill -9, a file that cannot grow ---
+
+@pytest.fixture
+def proxy(request):
+    """Proxy settings standing for the network: its port 'refuses' connections, or it answers
+    every request with the HTTP status request.param."""
+    import http.server
+
+    if request.param == "refuses":
+        yield proxy_settings(closed_port())
+        return
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_error(request.param)
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield proxy_settings(server.server_address[1])
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("proxy, message", [
+    ("refuses", r"cannot download fashion_mnist: .*refused"),
+    (503, r"cannot download fashion_mnist: 503 Service Unavailable"),  # TFDS would retry a 503
+    (404, r"download of fashion_mnist failed \(\w+\)"),  # the server answers: TFDS tries, and fails
+], indirect=["proxy"])
+def test_failed_download_says_how_to_work_offline_at_once(tmp_path, proxy, message):
+    """Without network TFDS retries for minutes with a warning per try; train.py asks first."""
+    start = time.perf_counter()
+    run = run_script("train.py", "--dataset", "fashion_mnist", "--workdir", tmp_path / "w",
+                     env={**proxy, "TFDS_DATA_DIR": str(tmp_path)})  # fashion_mnist's URLs are plain http
+    assert time.perf_counter() - start < 20
+    assert_clean_error(run, message + r"; without network, pass --data-dir DIR with the four files")
+    assert "WARNING" not in run.stderr and "Retrying" not in run.stderr, run.stderr
+
+
+FILE_SIZE_LIMIT = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--epochs", 1, "--data-dir", "{data}", "--workdir", "{tmp}"],
+     r"cannot write {tmp}/checkpoint.msgpack: File too large; no checkpoint was saved yet; free space, then run again$"),
+    (["export.py", "{tmp}/model.onnx", "--ckpt", "{ckpt}"],
+     r"cannot write {tmp}/model.onnx: File too large; free space or pick another folder$"),
+    (["infer.py", "--ckpt", "{ckpt}", "--data-dir", "{data}", "--out", "{tmp}/grid.png"],
+     r"cannot write {tmp}/grid.png: File too large; free space or pick another folder$"),
+])
+def test_file_size_limit(data_dir, trained, tmp_path, args, message):
+    """Each script ends with one line when a file it writes cannot grow (RLIMIT_FSIZE, no root
+    needed: a write fails as on a full disk or quota), and leaves no partial file behind."""
+    fill = {"tmp": tmp_path, "data": data_dir, "ckpt": trained[0] / "checkpoint.msgpack"}
+    command = [sys.executable, "-c", FILE_SIZE_LIMIT, "30000", *(str(a).format(**fill) for a in args)]
+    run = finish([subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)])[0]
+    assert_clean_error(run, "^error: " + message.format(tmp=re.escape(str(tmp_path))))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path, sig):
+    process = start_script("train.py", "--epochs", 1000, "--data-dir", data_dir, "--workdir", tmp_path)
+    try:
+        read_until(process, "epoch 2 time")
+        process.send_signal(sig)
+    finally:
+        run = finish([process], timeout=60)[0]
+    epoch = train.load_checkpoint(str(tmp_path / "checkpoint.msgpack"))[1]
+    assert_clean_error(run, rf"interrupted; last checkpoint: .*checkpoint.msgpack \(epoch {epoch}\)")
+
+
+def kill_repeatedly(data_dir, workdir, kills, seed):
+    """Runs train.py --resume in workdir `kills` times, each SIGKILLed at a random moment after
+    its first epoch line; returns the epoch of the checkpoint left after each kill."""
+    rng = np.random.default_rng(seed)
+    path = str(workdir / "checkpoint.msgpack")
+    epochs = []
+    for _ in range(kills):
+        process = start_script("train.py", "--resume", "--epochs", 100000, "--data-dir", data_dir,
+                               "--workdir", workdir, stderr=subprocess.DEVNULL)
+        try:
+            read_until(process, "epoch")  # from here on, a checkpoint write is never far
+            time.sleep(rng.uniform(0, 0.3))
+        finally:
+            process.kill()
+            process.wait()
+        epochs.append(train.load_checkpoint(path)[1])
+    return epochs
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, trained, tmp_path):
+    """10 kills: two workdirs side by side (two cores), 5 kills in a row in each."""
+    workdirs = [tmp_path / "a", tmp_path / "b"]
+    for workdir in workdirs:
+        workdir.mkdir()
+        (workdir / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        chains = list(pool.map(lambda seed: kill_repeatedly(data_dir, workdirs[seed], 5, seed), (0, 1)))
+    for epochs in chains:
+        assert len(epochs) == 5 and epochs == sorted(epochs) and epochs[-1] > 2
+
+
+# --- several processes (jax.distributed over Gloo on 127.0.0.1) ---
+
+def start_processes(workdirs, *args, env=None):
+    """One train.py process per workdir, together one jax.distributed run on 127.0.0.1 (on CPU,
+    also where there is a GPU: one GPU cannot be shared, and Gloo is JAX's CPU transport)."""
+    coordinator = f"127.0.0.1:{closed_port()}"
+    return [start_script("train.py", "--coordinator", coordinator, "--num-processes", len(workdirs),
+                         "--process-id", i, "--peer-timeout", 20, "--workdir", workdir, *args,
+                         env={"JAX_PLATFORMS": "cpu", **(env or {})})
+            for i, workdir in enumerate(workdirs)]
+
+
+def run_processes(workdirs, *args, env=None):
+    """A jax.distributed run to its end, each process successful; the CompletedProcess of each."""
+    runs = finish(start_processes(workdirs, *args, env=env), timeout=120)
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    return runs
+
+
+def assert_same_log(lines, expected):
+    """Two epoch logs agree: the same lines, numbers within 1e-4 relative."""
+    assert [line[:2] for line in lines] == [line[:2] for line in expected]
+    for (_, _, loss, accuracy), (_, _, expected_loss, expected_accuracy) in zip(lines, expected):
+        assert loss == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
+        assert accuracy == pytest.approx(expected_accuracy, rel=1e-4)
+
+
+@pytest.fixture(scope="session")
+def two_processes(data_dir, tmp_path_factory):
+    """The workdirs and CompletedProcesses of a 3-epoch run of two processes, one CPU device each."""
+    workdirs = [tmp_path_factory.mktemp("two_processes") / f"process{i}" for i in range(2)]
+    return workdirs, run_processes(workdirs, "--epochs", 3, "--data-dir", data_dir)
+
+
+def test_two_processes_print_the_log_of_one(trained, two_processes):
+    workdirs, (process0, process1) = two_processes
+    assert_same_log(epoch_lines(process0.stdout)[:4], epoch_lines(trained[1]))
+    assert [line[:2] for line in epoch_lines(process0.stdout)][4:] == [("train", 3), ("test", 3)]
+    assert "epoch" not in process1.stdout
+    assert sorted(os.listdir(workdirs[0])) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert not workdirs[1].exists()
+
+
+def test_two_processes_with_two_devices_each(data_dir, trained, tmp_path):
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    process0, _ = run_processes(workdirs, "--epochs", 1, "--data-dir", data_dir, env=cpu_devices(2))
+    assert_same_log(epoch_lines(process0.stdout), epoch_lines(trained[1])[:2])
+
+
+def test_resume_across_two_processes(data_dir, trained, two_processes, tmp_path):
+    """From epoch 2 (process 0 reads the checkpoint and sends it to process 1) to epoch 3."""
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    workdirs[0].mkdir()
+    (workdirs[0] / "checkpoint.msgpack").write_bytes((trained[0] / "checkpoint.msgpack").read_bytes())
+    process0, process1 = run_processes(workdirs, "--resume", "--epochs", 3, "--data-dir", data_dir)
+    assert_same_log(epoch_lines(process0.stdout), epoch_lines(two_processes[1][0].stdout)[4:])
+    assert "epoch" not in process1.stdout and not workdirs[1].exists()
+
+
+def test_killed_process_stops_the_other(data_dir, tmp_path):
+    workdirs = [tmp_path / "0", tmp_path / "1"]
+    processes = start_processes(workdirs, "--epochs", 1000, "--data-dir", data_dir)
+    try:
+        read_until(processes[0], "epoch 2 time")
+        processes[1].kill()
+        killed = time.perf_counter()
+        processes[0].wait(timeout=30)
+        seconds = time.perf_counter() - killed
+    finally:
+        survivor, _ = finish(processes)
+    assert seconds < 10
+    assert_clean_error(survivor, r"^error: process 0 lost another process \(.*\); once all are up again, continue with --resume$")
+    assert train.load_checkpoint(str(workdirs[0] / "checkpoint.msgpack"))[1] >= 2
+
+
+BUG_IN_A_DISTRIBUTED_RUN = """
+import sys
+import train
+def evaluate(*args):
+    raise ValueError("a bug in evaluate")
+train.evaluate = evaluate
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_bug_in_a_distributed_run_shows_its_traceback(data_dir, tmp_path):
+    """Not `lost another process`: the bug's traceback, and every process stops."""
+    coordinator = f"127.0.0.1:{closed_port()}"
+    processes = [subprocess.Popen([sys.executable, "-c", BUG_IN_A_DISTRIBUTED_RUN, *map(str, [
+                                   "--coordinator", coordinator, "--num-processes", 2, "--process-id", i,
+                                   "--peer-timeout", 20, "--epochs", 1, "--data-dir", data_dir,
+                                   "--workdir", tmp_path / str(i)])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                                  env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                 for i in range(2)]
+    for run in finish(processes, timeout=120):
+        assert run.returncode != 0
+        assert "Traceback" in run.stderr and "ValueError: a bug in evaluate" in run.stderr, run.stderr
+        assert "lost another process" not in run.stderr
+
+
+def test_unreachable_coordinator(data_dir, tmp_path):
+    start = time.perf_counter()
+    run = run_script("train.py", "--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes", 2,
+                     "--process-id", 1, "--peer-timeout", 2, "--data-dir", data_dir, "--workdir", tmp_path)
+    assert time.perf_counter() - start < 15
+    assert_clean_error(run, r"cannot reach the coordinator at 127.0.0.1:\d+ within 2 s .*start process 0 there")
+
+
+def test_two_processes_refuse_a_batch_size_not_divisible_by_both(data_dir, tmp_path):
+    runs = finish(start_processes([tmp_path / "0", tmp_path / "1"], "--batch-size", 33, "--data-dir", data_dir),
+                  timeout=120)
+    for run in runs:
+        assert_clean_error(run, r"--batch-size 33 is not divisible by the 2 devices; pick a multiple of 2")
+
+
+def running_processes(marker):
+    """Pids of the processes whose command line holds `marker`."""
+    pids = []
+    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # ended while we looked
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not shutil.which("mpirun"), reason="Open MPI's mpirun is not on PATH (apt-get install openmpi-bin)")
+def test_open_mpi_launch_prints_the_log_of_two_devices(data_dir, tmp_path):
+    """The README's `mpirun ... python train.py --distributed` with 2 ranks on this machine:
+    jax.distributed finds the ranks itself; rank 0 alone prints and writes (each rank its own
+    --workdir, as on two hosts); the log equals one process's with two simulated devices."""
+    mpirun = ["mpirun", "--bind-to", "none", "-x", "JAX_PLATFORMS=cpu"]
+    if os.geteuid() == 0:
+        mpirun.append("--allow-run-as-root")
+    ranks = [[sys.executable, os.path.join(HERE, "train.py"), "--distributed", "--epochs", "1", "--data-dir",
+              data_dir, "--workdir", str(tmp_path / f"rank{rank}")] for rank in range(2)]
+    command = mpirun + ["-np", "1", *ranks[0], ":", "-np", "1", *ranks[1]]
+    launch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                              start_new_session=True, env={**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    two_devices = start_script("train.py", "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / "one",
+                               env=cpu_devices(2))
+    try:
+        out, err = launch.communicate(timeout=180)
+        one = finish([two_devices])[0]
+    finally:
+        if launch.poll() is None:  # mpirun and its ranks
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+        two_devices.kill()
+        two_devices.wait()
+    assert launch.returncode == 0, err
+    assert one.returncode == 0, one.stderr
+    assert epoch_lines(out) == epoch_lines(one.stdout) and len(epoch_lines(out)) == 2
+    assert len(re.findall(r"^epoch \d time", out, re.M)) == 1  # rank 0's lines only
+    assert sorted(os.listdir(tmp_path / "rank0")) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert not (tmp_path / "rank1").exists()
+    assert running_processes(str(tmp_path)) == []  # every rank ended with mpirun
