@@ -404,3 +404,20 @@ def test_a_bug_shows_its_traceback(run_main, data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", bug)
     with pytest.raises(ValueError, match="a bug"):
         run_main(train.main, "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path)
+
+
+def test_unreachable_coordinator_is_one_line_within_peer_timeout(data_dir, tmp_path):
+    """What `train.py --coordinator ... --process-id 1` prints when process 0 is not there; JAX's
+    own client would abort the process with a stack trace."""
+    import time
+
+    import distributed
+    from conftest import closed_port
+
+    args = train.parse_args(["--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes", "2",
+                             "--process-id", "1", "--peer-timeout", "1"])
+    start = time.perf_counter()
+    with pytest.raises(distributed.StartError, match=r"^cannot reach the coordinator at 127.0.0.1:\d+ within 1 s "
+                                                      r"\(.*\); start process 0 there, or fix --coordinator$"):
+        distributed.start(args)
+    assert time.perf_counter() - start < 5
