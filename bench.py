@@ -58,7 +58,7 @@ def time_ours(images, labels, batch_size, steps, mesh):
     warm-up call."""
     state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
     sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
-    steps_per_call, unroll = train.steps_per_call()
+    steps_per_call, unroll = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
         input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call),
         -(-steps // steps_per_call) + 1))
@@ -97,7 +97,7 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
     """{way: GFLOP/s} of a float32 square matmul on the CPU, each way's best over sizes and rounds:
     XLA as train.py compiles it, XLA's defaults, and numpy's BLAS. The fastest is the ceiling:
     on 2 AVX2 cores numpy's BLAS ran at 151 GFLOP/s where XLA's defaults gave 120 (JAX 0.11.2)."""
-    ways = {"XLA as train.py compiles it": (jax.jit(lambda x: x @ x, compiler_options=xla.xla_options()), jnp.ones),
+    ways = {"XLA as train.py compiles it": (jax.jit(lambda x: x @ x, compiler_options=xla.XLA_OPTIONS), jnp.ones),
             "XLA's defaults": (jax.jit(lambda x: x @ x), jnp.ones), "numpy's BLAS": (lambda x: x @ x, np.ones)}
     best = dict.fromkeys(ways, 0.0)
     for size in sizes:
@@ -167,7 +167,7 @@ def layer_parts(params, batch_size):
 def time_call(fn, args, repeats=200):
     """(median seconds of one call of jitted fn over rounds of `repeats` calls, XLA's cost
     analysis), from one compilation."""
-    compiled = jax.jit(fn, compiler_options=xla.xla_options()).lower(*args).compile()
+    compiled = jax.jit(fn, compiler_options=xla.XLA_OPTIONS).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     rounds = []
     for _ in range(5):
@@ -189,7 +189,7 @@ def step_breakdown(images, labels, mesh, batch_size=32):
         seconds, cost = time_call(fn, args)
         flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
         rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
-    steps_per_call, _ = train.steps_per_call()
+    steps_per_call, _ = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
     steps = len(images) // batch_size
     gather = time_it(lambda: sum(1 for _ in input_pipeline.train_batches(  # a whole epoch's shuffle and gathers
         images, labels, batch_size, 0, 1, steps_per_call))) / steps

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import input_pipeline
+import outputs
 import train
 from model import CNN
 
@@ -53,6 +54,11 @@ def write_dataset(folder, num_train=640, num_test=203, gz=True):
         write_idx(os.path.join(folder, images_name), images, gz)
         write_idx(os.path.join(folder, labels_name), labels, gz)
     return str(folder)
+
+
+def load_checkpoint(path):
+    """(state, epoch, config, history) of a checkpoint of train.py's model."""
+    return outputs.load_checkpoint(str(path), train.create_train_state)
 
 
 def epoch_lines(stdout):
@@ -213,7 +219,7 @@ def trained(data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_state(trained):
     """The state of the `trained` checkpoint."""
-    return train.load_checkpoint(str(trained[0] / "checkpoint.msgpack"))[0]
+    return load_checkpoint(trained[0] / "checkpoint.msgpack")[0]
 
 
 @pytest.fixture(scope="session")
@@ -243,5 +249,5 @@ def real_exported(real_trained):
     """The real MNIST checkpoint's state and its ONNX export's bytes (a conversion takes seconds)."""
     import export
 
-    state = train.load_checkpoint(str(real_trained[0] / "checkpoint.msgpack"))[0]
+    state = load_checkpoint(real_trained[0] / "checkpoint.msgpack")[0]
     return state, export.to_onnx_bytes(state)

@@ -88,7 +88,7 @@ def main(argv=None):
     """Writes each export whole or not at all; every error a user can cause is one line on stderr."""
     args = parse_args(argv)
     try:
-        state, epoch, _, _ = train.load_checkpoint(args.ckpt)
+        state, epoch, _, _ = outputs.load_checkpoint(args.ckpt, train.create_train_state)
         for path in args.out:
             start = time.perf_counter()
             outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))

@@ -134,7 +134,7 @@ def parse_args(argv=None):
 
 def run(args):
     """Classifies --image files, or evaluates the test split and draws the first 25."""
-    state, epoch, config, _ = train.load_checkpoint(args.ckpt)
+    state, epoch, config, _ = outputs.load_checkpoint(args.ckpt, train.create_train_state)
     if args.image:
         images = np.stack([mnist_like(path) for path in args.image])
         for path, probs in zip(args.image, np.asarray(predict(state, images))):

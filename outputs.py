@@ -6,6 +6,7 @@ import os
 import tempfile
 
 import jax
+import numpy as np
 from flax import serialization
 
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
@@ -63,6 +64,30 @@ def read_checkpoint(path):
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except Exception:  # msgpack raises many unrelated types on foreign or truncated bytes
         raise CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
+
+
+def load_checkpoint(path, create_train_state):
+    """(state, epoch, config, history) of a checkpoint, checked against the shapes of the state
+    that create_train_state(seed, learning_rate, momentum) makes."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint["config"]
+    # The shapes alone: eval_shape traces create_train_state without compiling or running it.
+    target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"], config["momentum"]))
+    saved, expected = checkpoint["state"], serialization.to_state_dict(target)
+    if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
+            np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
+        raise CheckpointError(f"{path} does not fit this model (other parameter shapes)")
+    return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
+
+
+def last_checkpoint(workdir):
+    """What a line that stops the run says of the checkpoint in workdir, and how to go on."""
+    path = os.path.join(workdir, CHECKPOINT)
+    try:
+        epoch = read_checkpoint(path)["epoch"]
+    except CheckpointError:
+        return "no checkpoint was saved yet", "run again"
+    return f"last checkpoint: {path} (epoch {epoch})", "continue with --resume"
 
 
 def plot_history(history):

@@ -11,8 +11,8 @@ import pytest
 
 import infer
 import input_pipeline
-import train
-from conftest import HERE, MNIST_DATA_DIR, assert_clean_error, broken_checkpoint, epoch_lines, synthetic_split
+from conftest import (HERE, MNIST_DATA_DIR, assert_clean_error, broken_checkpoint, epoch_lines,
+                      load_checkpoint, synthetic_split)
 
 
 def test_infer_evaluates_like_train_and_draws_the_grid(run_main, data_dir, trained, tmp_path):
@@ -168,7 +168,7 @@ def test_real_mnist_one_epoch_then_infer_on_pictures(run_main, real_trained, tmp
 def test_real_digits_saved_as_users_save_pictures_are_classified_as_plain_ones(real_trained, tmp_path):
     from PIL import Image
 
-    state = train.load_checkpoint(str(real_trained[0] / "checkpoint.msgpack"))[0]
+    state = load_checkpoint(real_trained[0] / "checkpoint.msgpack")[0]
     images = input_pipeline.load_dataset("mnist", MNIST_DATA_DIR, ["test"])["test"][0][:10]
     papers = [Image.fromarray(255 - image[..., 0]).resize((280, 280), Image.BICUBIC) for image in images]
     for kind in PICTURE_KINDS:

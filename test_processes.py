@@ -15,9 +15,8 @@ import time
 import numpy as np
 import pytest
 
-import train
-from conftest import (HERE, assert_clean_error, closed_port, epoch_lines, finish, proxy_settings, run_script,
-                      start_script)
+from conftest import (HERE, assert_clean_error, closed_port, epoch_lines, finish, load_checkpoint,
+                      proxy_settings, run_script, start_script)
 
 
 def read_until(process, text):
@@ -156,7 +155,7 @@ def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path):
     finally:
         runs = finish(processes, timeout=60)
     for run, sig in zip(runs, signals):
-        epoch = train.load_checkpoint(str(tmp_path / sig.name / "checkpoint.msgpack"))[1]
+        epoch = load_checkpoint(tmp_path / sig.name / "checkpoint.msgpack")[1]
         assert_clean_error(run, rf"interrupted; last checkpoint: .*checkpoint.msgpack \(epoch {epoch}\)")
 
 
@@ -175,7 +174,7 @@ def kill_repeatedly(data_dir, workdir, kills, seed):
         finally:
             process.kill()
             process.wait()
-        epochs.append(train.load_checkpoint(path)[1])
+        epochs.append(load_checkpoint(path)[1])
     return epochs
 
 
@@ -260,7 +259,7 @@ def test_killed_process_stops_the_other(data_dir, tmp_path):
         survivor, _ = finish(processes)
     assert seconds < 10
     assert_clean_error(survivor, r"^error: process 0 lost another process \(.*\); once all are up again, continue with --resume$")
-    assert train.load_checkpoint(str(workdirs[0] / "checkpoint.msgpack"))[1] >= 1
+    assert load_checkpoint(workdirs[0] / "checkpoint.msgpack")[1] >= 1
 
 
 BUG_IN_A_DISTRIBUTED_RUN = """

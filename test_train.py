@@ -17,10 +17,11 @@ import input_pipeline
 import outputs
 import train
 import xla
-from conftest import (HERE, assert_clean_error, epoch_lines, numpy_metrics, synthetic_split, train_here,
-                      write_dataset, write_idx)
+from conftest import (HERE, assert_clean_error, epoch_lines, load_checkpoint, numpy_metrics, synthetic_split,
+                      train_here, write_dataset, write_idx)
 
 CONFIG = {"batch_size": 32, "seed": 0}
+BACKEND_CALLS = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
 
 
 def on_mesh(state, mesh):
@@ -207,7 +208,7 @@ def test_another_linen_model_trains_without_an_edit_to_train_py(data_dir):
     assert sum(p.size for p in jax.tree.leaves(state.params)) == 784 * 64 + 64 + 64 * 10 + 10
     before = train.evaluate(state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
     for epoch in (1, 2, 3):
-        state, trained = train.train_epoch(state, mesh, images, labels, CONFIG, epoch, train.steps_per_call())
+        state, trained = train.train_epoch(state, mesh, images, labels, CONFIG, epoch, BACKEND_CALLS)
     after = train.evaluate(state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
     assert after["loss"] < before["loss"] / 2 and after["accuracy"] >= 90
 
@@ -246,8 +247,8 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(data_dir, trained, tmp
     straight = train_here("--epochs", 3, "--data-dir", data_dir, "--workdir", tmp_path / "straight")
     assert [line[1] for line in epoch_lines(resumed)] == [3, 3]
     assert epoch_lines(two_epochs + resumed) == epoch_lines(straight)
-    a = train.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.msgpack"))
-    b = train.load_checkpoint(str(tmp_path / "straight" / "checkpoint.msgpack"))
+    a = load_checkpoint(tmp_path / "resumed" / "checkpoint.msgpack")
+    b = load_checkpoint(tmp_path / "straight" / "checkpoint.msgpack")
     assert a[1:3] == b[1:3] and [h["test_loss"] for h in a[3]] == [h["test_loss"] for h in b[3]]
     for x, y in zip(jax.tree.leaves(a[0]), jax.tree.leaves(b[0])):
         np.testing.assert_array_equal(x, y)
@@ -260,7 +261,7 @@ def test_the_workdir_holds_checkpoint_history_and_plot(trained):
     assert [h["epoch"] for h in history] == [1, 2]
     assert (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2)) == epoch_lines(stdout)[-1][2:]
     assert (workdir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    _, epoch, config, saved_history = train.load_checkpoint(str(workdir / "checkpoint.msgpack"))
+    _, epoch, config, saved_history = load_checkpoint(workdir / "checkpoint.msgpack")
     assert epoch == 2 and config["dataset"] == "mnist" and saved_history == history
 
 
@@ -270,7 +271,7 @@ def test_checkpoint_round_trip(tmp_path):
     config = {"dataset": "mnist", "batch_size": 16, "learning_rate": 0.05, "momentum": 0.5, "seed": 3}
     history = [{"epoch": 4, "train_loss": 0.5, "test_accuracy": 91.25}]
     outputs.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
-    loaded, epoch, loaded_config, loaded_history = train.load_checkpoint(str(tmp_path / "c"))
+    loaded, epoch, loaded_config, loaded_history = load_checkpoint(tmp_path / "c")
     assert (epoch, loaded_config, loaded_history, int(loaded.step)) == (4, config, history, 7)
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
                     jax.tree.leaves((loaded.params, loaded.opt_state))):
@@ -288,7 +289,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
     with pytest.raises(OSError, match=r"^cannot write .*c: No space left on device$"):
         outputs.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, config, [])
-    assert train.load_checkpoint(path)[1] == 1
+    assert load_checkpoint(path)[1] == 1
     assert os.listdir(tmp_path) == ["c"]
 
 
@@ -387,7 +388,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(run_main, d
     assert_clean_error(run, rf"^error: cannot write {checkpoint}: No space left on device; last checkpoint: "
                             rf"{checkpoint} \(epoch 1\); free space, then continue with --resume$")
     assert epoch_lines(run.stdout)[-1][:2] == ("test", 2)  # epoch 2 trained, its checkpoint did not fit
-    assert train.load_checkpoint(str(small_disk / "checkpoint.msgpack"))[1] == 1
+    assert load_checkpoint(small_disk / "checkpoint.msgpack")[1] == 1
     assert sorted(os.listdir(small_disk)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
 
 

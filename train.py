@@ -1,9 +1,8 @@
 """Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`. `--help` lists the flags.
 
-Top to bottom: the state, the jitted train_step and eval_step, the epoch loop and its log. Then
-what makes them fast and safe: several steps per jitted call, data parallelism over every device
-(batches split along the batch axis, parameters replicated, jit adds the gradient all-reduce),
-checkpoints, exact resume, and one line on stderr for every error a user can cause.
+The state, the jitted train_step and eval_step, the epoch loop and its log; then several steps per
+call, data parallelism over every device (batches split, parameters replicated, jit adds the
+gradient all-reduce), resume, and one line on stderr for every error a user can cause.
 """
 import argparse
 import functools
@@ -19,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -69,11 +67,10 @@ def eval_step(state, batch):
 
 
 def metric_sums(logits, labels, mask):
-    """Loss sum, correct count and example count where mask is 1: sums, so that an epoch's
-    metrics are exact whatever its batches."""
+    """Loss sum, correct count and example count where mask is 1: sums keep an epoch's metrics exact."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {"loss": (losses * mask).sum(), "correct": ((logits.argmax(-1) == labels) * mask).sum(),
-            "count": mask.sum()}
+    correct = logits.argmax(-1) == labels
+    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames="unroll", compiler_options=xla.XLA_OPTIONS)
@@ -89,14 +86,8 @@ def train_steps(state, sums, batches, unroll=True):
     return state, jax.tree.map(lambda total, stacked: total + stacked.sum(0), sums, batch_sums)
 
 
-def steps_per_call():
-    """(steps per jitted call, unrolled) for the backend JAX runs on."""
-    return STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
-
-
 def train_epoch(state, mesh, images, labels, config, epoch, calls):
-    """One pass over the training set in calls of `calls` = (steps, unrolled) steps; returns the
-    state and the epoch's {"loss", "accuracy", "seconds"}."""
+    """One pass over the training set, `calls` = (steps per call, unrolled); (state, epoch's metrics)."""
     steps, unroll = calls
     run_steps = xla.without_refused_options(train_steps, donate_argnames="state", static_argnames="unroll")
     sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
@@ -131,8 +122,7 @@ def evaluate(state, mesh, images, labels):
 
 
 def train(args, interrupted):
-    """Trains and evaluates epoch by epoch, printing the log and writing checkpoint, history and
-    plot after each; raises KeyboardInterrupt between epochs once `interrupted` is set."""
+    """The epoch loop and its log; stops with KeyboardInterrupt between epochs once `interrupted` is set."""
     config = {key: getattr(args, key) for key in outputs.CONFIG_KEYS}
     mesh = make_mesh()
     if config["batch_size"] % jax.device_count():
@@ -148,10 +138,11 @@ def train(args, interrupted):
     state, done, history = resume_or_start(args, config, is_main_process)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     images_per_epoch = len(train_images) // config["batch_size"] * config["batch_size"]
+    calls = STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
     for epoch in range(done + 1, args.epochs + 1):
         if interrupted.is_set():
             raise KeyboardInterrupt
-        state, trained = train_epoch(state, mesh, train_images, train_labels, config, epoch, steps_per_call())
+        state, trained = train_epoch(state, mesh, train_images, train_labels, config, epoch, calls)
         tested = evaluate(state, mesh, *data["test"])
         history.append({"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
                         "test_loss": tested["loss"], "test_accuracy": tested["accuracy"],
@@ -172,7 +163,7 @@ def resume_or_start(args, config, is_main_process):
         state, done, history = create_train_state(args.seed, args.learning_rate, args.momentum), 0, []
     else:
         path = os.path.join(args.workdir, outputs.CHECKPOINT)
-        state, done, saved_config, history = load_checkpoint(path)
+        state, done, saved_config, history = outputs.load_checkpoint(path, create_train_state)
         changed = [f"--{key.replace('_', '-')} {config[key]} (checkpoint: {saved_config[key]})"
                    for key in outputs.CONFIG_KEYS if config[key] != saved_config[key]]
         if changed:
@@ -190,8 +181,7 @@ def make_mesh():
 
 
 def shard(mesh, arrays, batch_axis):
-    """Global arrays from this process's share of each numpy array in `arrays`, split over the
-    mesh along batch_axis."""
+    """Global arrays, split over the mesh along batch_axis, from this process's share of each array."""
     spec = P(*[None] * batch_axis, "batch")
 
     def global_array(array):
@@ -199,19 +189,6 @@ def shard(mesh, arrays, batch_axis):
         local = np.take(array, np.arange(share) + jax.process_index() * share, axis=batch_axis)
         return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
     return jax.tree.map(global_array, arrays)
-
-
-def load_checkpoint(path):
-    """(state, epoch, config, history) of a checkpoint, checked against the model's shapes."""
-    checkpoint = outputs.read_checkpoint(path)
-    config = checkpoint["config"]
-    # The shapes alone: eval_shape traces create_train_state without compiling or running it.
-    target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"], config["momentum"]))
-    saved, expected = checkpoint["state"], serialization.to_state_dict(target)
-    if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
-            np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
-        raise outputs.CheckpointError(f"{path} does not fit this model (other parameter shapes)")
-    return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
 
 
 class TrainingError(Exception):
@@ -255,16 +232,6 @@ def parse_args(argv=None):
     return args
 
 
-def last_checkpoint(workdir):
-    """What a line that stops the run says of the checkpoint in workdir, and how to go on."""
-    path = os.path.join(workdir, outputs.CHECKPOINT)
-    try:
-        epoch = outputs.read_checkpoint(path)["epoch"]
-    except outputs.CheckpointError:
-        return "no checkpoint was saved yet", "run again"
-    return f"last checkpoint: {path} (epoch {epoch})", "continue with --resume"
-
-
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
@@ -287,10 +254,10 @@ def main(argv=None):
     except (TrainingError, outputs.CheckpointError, input_pipeline.DataError, distributed.StartError) as e:
         message, every_process = f"error: {e}", getattr(e, "every_process", False)
     except OSError as e:  # a write failed (full disk, quota): the files of the last epoch are intact
-        saved, go_on = last_checkpoint(args.workdir)
+        saved, go_on = outputs.last_checkpoint(args.workdir)
         message = f"error: {e}; {saved}; free space, then {go_on}"
     except KeyboardInterrupt:
-        message = "interrupted; {}; {}".format(*last_checkpoint(args.workdir))
+        message = "interrupted; {}; {}".format(*outputs.last_checkpoint(args.workdir))
     except Exception as e:
         if not args.distributed:
             raise  # a bug: its traceback
