@@ -3,9 +3,11 @@
 The exported function takes images as MNIST stores them, uint8 [N, 28, 28, 1] with any N, and
 returns class probabilities, float32 [N, 10]. The format follows the file name:
   .onnx  ONNX (opset 13), for onnxruntime and the many runtimes that read ONNX; via jax2onnx
-  .jax   a serialized jax.export (StableHLO) that jax alone loads back, no Flax, no code of ours
+  .jax   a serialized jax.export (StableHLO) that JAX alone loads back, no Flax, no code of ours,
+         in every JAX from 0.10.2 on, whichever of them wrote it
 """
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -23,6 +25,9 @@ DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 ONNX_OPSET = 13
 # The .jax file holds one program for each: a file written on a laptop runs on a GPU server.
 JAX_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+# The StableHLO of JAX 0.10.2, the oldest JAX that requirements.txt admits (the last for Python
+# 3.11). JAX writes the StableHLO of about a month before its release, which older JAX cannot read.
+OLDEST_STABLEHLO = "1.17.0"
 
 
 def classifier(state):
@@ -47,8 +52,16 @@ def to_onnx_bytes(state):
 
 
 def to_jax_bytes(state):
-    """The classifier as a serialized jax.export, for every platform in JAX_PLATFORMS."""
+    """The classifier as a serialized jax.export, for every platform in JAX_PLATFORMS, in a
+    StableHLO no newer than OLDEST_STABLEHLO."""
+    from jaxlib.mlir.dialects import stablehlo
+
     exported = jax.export.export(jax.jit(classifier(state)), platforms=JAX_PLATFORMS)(images_spec())
+    module = stablehlo.deserialize_portable_artifact_str(exported.mlir_module_serialized)
+    target = stablehlo.get_smaller_version(OLDEST_STABLEHLO, stablehlo.get_version_from_compatibility_requirement(
+        stablehlo.StablehloCompatibilityRequirement.WEEK_4))  # JAX's own choice, where older
+    exported = dataclasses.replace(
+        exported, mlir_module_serialized=stablehlo.serialize_portable_artifact_str(module, target))
     return bytes(exported.serialize())
 
 
@@ -92,8 +105,9 @@ def main(argv=None):
         for path in args.out:
             start = time.perf_counter()
             outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))
+            loads = f", JAX {jax.__version__}; loads in JAX 0.10.2 and newer" if path.endswith(".jax") else ""
             print(f"wrote {path}: epoch {epoch} of {args.ckpt}, {os.path.getsize(path) / 1e6:.1f} MB, "
-                  f"{time.perf_counter() - start:.1f} s")
+                  f"{time.perf_counter() - start:.1f} s{loads}")
     except outputs.CheckpointError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # the disk filled up, or the folder went away, while writing

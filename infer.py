@@ -15,6 +15,7 @@ import numpy as np
 import input_pipeline
 import outputs
 import train
+import xla
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Pictures are read at most this large: a digit needs few pixels, and read whole a 12-megapixel
@@ -156,6 +157,7 @@ def run(args):
 def main(argv=None):
     """Runs run() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
+    xla.use_compilation_cache()
     try:
         run(args)
     except (outputs.CheckpointError, input_pipeline.DataError, ImageError) as e:

@@ -33,7 +33,8 @@ def onnx_probabilities(path, images):
 def test_export_says_what_it_wrote(exported):
     *_, stdout = exported
     assert re.search(r"^wrote .*model.onnx: epoch 2 of .*, 3\.\d MB, \d+\.\d s$", stdout, re.M), stdout
-    assert re.search(r"^wrote .*model.jax: epoch 2 of .*, 3\.\d MB, \d+\.\d s", stdout, re.M), stdout
+    assert re.search(rf"^wrote .*model.jax: epoch 2 of .*, 3\.\d MB, \d+\.\d s, JAX {re.escape(jax.__version__)}; "
+                     r"loads in JAX 0.10.2 and newer$", stdout, re.M), stdout
 
 
 def test_onnxruntime_predicts_like_infer(data_dir, exported):
@@ -70,6 +71,32 @@ def test_jax_export_runs_with_jax_alone(data_dir, exported, tmp_path):
     expected = np.asarray(infer.predict(state, images))
     assert_same_predictions(out[:1], expected[:1])  # batch 1
     assert_same_predictions(out[1:], expected)  # batch 1000
+
+
+def test_model_jax_is_written_in_the_stablehlo_of_the_oldest_jax(exported):
+    """JAX writes the StableHLO of about a month before its release: JAX 0.12's, 1.18, which JAX
+    0.10.2 (1.17) cannot read. The file's portable artifact names its version."""
+    data = exported[1].read_bytes()
+    versions = {tuple(map(int, v.split(b"."))) for v in re.findall(rb"StableHLO_v(\d+\.\d+\.\d+)", data)}
+    assert versions and max(versions) <= (1, 17, 0), versions
+
+
+@pytest.mark.skipif(not os.environ.get("OTHER_JAX_PYTHON"), reason="set OTHER_JAX_PYTHON to a Python with "
+                    "another JAX release (.ci/run does: each of its two venvs names the other)")
+def test_model_jax_loads_in_another_jax_release(data_dir, exported, tmp_path):
+    """A file written by this JAX, loaded by the README's snippet under the other release."""
+    _, jax_path, state, _ = exported
+    (tmp_path / "model.jax").write_bytes(jax_path.read_bytes())
+    images = input_pipeline.load_dataset("mnist", data_dir)["test"][0][:40]
+    np.save(tmp_path / "digits.npy", images)
+    other = os.environ["OTHER_JAX_PYTHON"]
+    snippet = "import jax; print(jax.__version__)\n" + readme_snippet("model.jax")
+    run = subprocess.run([other, "-c", snippet], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0 and run.stderr.replace("\n", "") == "", run.stderr
+    version, printed = run.stdout.split("\n", 1)
+    assert version != jax.__version__, "OTHER_JAX_PYTHON runs this JAX release"
+    assert [int(c) for c in re.sub(r"[\[\]\s]+", " ", printed).split()] == \
+        np.asarray(infer.predict(state, images)).argmax(-1).tolist()
 
 
 def readme_snippet(loads):

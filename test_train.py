@@ -422,3 +422,31 @@ def test_unreachable_coordinator_is_one_line_within_peer_timeout(data_dir, tmp_p
                                                       r"\(.*\); start process 0 there, or fix --coordinator$"):
         distributed.start(args)
     assert time.perf_counter() - start < 5
+
+
+@pytest.fixture
+def no_compilation_cache(monkeypatch):
+    """JAX's compilation cache settings unset, as in a user's process; restored afterwards."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+def test_the_compilation_cache_is_the_users_alone(no_compilation_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    xla.use_compilation_cache()
+    folder = tmp_path / "mnist-jax-flax"
+    assert jax.config.jax_compilation_cache_dir == str(folder) and folder.stat().st_mode & 0o777 == 0o700
+    jax.config.update("jax_compilation_cache_dir", None)
+    folder.chmod(0o775)  # others could put code there
+    xla.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir is None
+    assert capsys.readouterr().err == f"note: not using the compilation cache {folder}: others can write to it\n"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # README: the way to turn it off
+    folder.chmod(0o700)
+    xla.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir is None

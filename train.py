@@ -235,6 +235,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     args = parse_args(argv)
+    xla.use_compilation_cache()
     interrupted = threading.Event()
 
     def interrupt(signum, frame):

@@ -1,9 +1,11 @@
-"""The XLA compile options of train.py's jitted functions, and what to do where the running XLA refuses one.
+"""How the scripts compile: XLA's options for train.py's jitted functions, less any that the running
+XLA refuses, and JAX's persistent compilation cache.
 
 XLA fails every compile that names an option it does not know, and experimental options are renamed
 or dropped between releases: a run there goes on without that option, and says so once.
 """
 import functools
+import os
 import sys
 
 import jax
@@ -42,3 +44,22 @@ def without_refused_options(jitted, **jit_kwargs):
         return jitted
     options = {name: value for name, value in XLA_OPTIONS.items() if name not in refused_options()}
     return jax.jit(jitted.__wrapped__, compiler_options=options, **jit_kwargs)
+
+
+def use_compilation_cache():
+    """JAX's persistent compilation cache in this user's cache folder, so that a second start
+    compiles nothing (PERFORMANCE.md, section 5); none where JAX_COMPILATION_CACHE_DIR is set
+    (empty: no cache). JAX runs what it finds there, so a folder others can write is not used."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ or jax.config.jax_compilation_cache_dir:
+        return
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mnist-jax-flax")
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        mine = os.stat(folder).st_uid == os.getuid() and not os.stat(folder).st_mode & 0o022
+    except OSError:  # a read-only home, say: compile as without a cache
+        return
+    if not mine:
+        print(f"note: not using the compilation cache {folder}: others can write to it", file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the default, 1 s, skips most of ours
