@@ -128,7 +128,8 @@ def test_the_jitted_functions_lower_trace_and_eval_shape():
                          (train.train_steps, (state, sums, stack))):
         assert jitted.trace(*args).jaxpr is not None
         assert jax.tree.map(lambda a: a.shape, jitted.eval_shape(*args)) is not None
-        assert "ynn" in jitted.lower(*args).compile().as_text().lower()  # YNNPACK's fusions: our options apply
+        if jax.default_backend() == "cpu":  # YNNPACK's fusions: our XLA options apply
+            assert "ynn" in jitted.lower(*args).compile().as_text().lower()
     assert jax.tree.map(lambda a: a.shape, train.train_step.eval_shape(state, batch)[1]) == {
         "loss": (), "correct": (), "count": ()}
 

@@ -31,7 +31,7 @@ from model import CNN
 
 EVAL_BATCH_SIZE = 1000
 # Train steps per jitted call, and whether lax.scan unrolls them, by backend (PERFORMANCE.md,
-# section 6). XLA:CPU: 5, unrolled, since in a rolled loop it runs the gradient convolutions as
+# section 7). XLA:CPU: 5, unrolled, since in a rolled loop it runs the gradient convolutions as
 # plain loops. Accelerators: a long rolled scan, so that the host's loop does not set the pace.
 STEPS_PER_CALL = {"cpu": (5, True)}
 ACCELERATOR_STEPS_PER_CALL = (500, False)
@@ -79,7 +79,7 @@ def train_steps(state, sums, batches, unroll=True):
     step = train_step.__wrapped__  # the step unjitted: a jit with compiler_options cannot be nested
     if len(batches["label"]) == 1:
         # lax.scan makes a while loop even of one step, and XLA:CPU runs the gradient convolutions
-        # inside a loop as plain loops (PERFORMANCE.md, section 6).
+        # inside a loop as plain loops (PERFORMANCE.md, section 7).
         state, batch_sums = step(state, jax.tree.map(lambda a: a[0], batches))
         return state, jax.tree.map(jnp.add, sums, batch_sums)
     state, batch_sums = jax.lax.scan(step, state, batches, unroll=unroll)

@@ -12,7 +12,7 @@ import jax
 
 XLA_OPTIONS = {
     # XLA:CPU hands dots, elementwise ops and reductions to the YNNPACK library (PERFORMANCE.md,
-    # section 6). Other backends ignore it.
+    # section 7). Other backends ignore it.
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
     # XLA:GPU sums in a fixed order, so that a rerun or --resume prints the same numbers.
