@@ -18,8 +18,8 @@ import train
 import xla
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
-# Pictures are read at most this large: a digit needs few pixels, and read whole a 12-megapixel
-# photo took 0.3 s and 187 MB, against 0.07 s and 8 MB (PERFORMANCE.md).
+# Pictures are read at most this large: a digit needs few pixels, and a phone photo read whole
+# takes several times the time and memory (PERFORMANCE.md, section 7).
 MAX_SIDE = 512
 
 
