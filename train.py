@@ -1,6 +1,6 @@
 """Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`. `--help` lists the flags.
 
-The state, the jitted train_step and eval_step, the epoch loop and its log; then several steps per
+The jitted train_step and eval_step, the state, the epoch loop and its log; then several steps per
 call, data parallelism over every device (batches split, parameters replicated, jit adds the
 gradient all-reduce), resume, and one line on stderr for every error a user can cause.
 """
@@ -39,13 +39,6 @@ ACCELERATOR_STEPS_PER_CALL = (500, False)
 DIVERGED_LOSS = 10 * math.log(10)
 
 
-@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum", "model"))  # one compilation, not one per op
-def create_train_state(seed, learning_rate, momentum, model=CNN()):
-    """A fresh TrainState: the model's parameters from jax.random.key(seed), SGD with momentum."""
-    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(learning_rate, momentum))
-
-
 @functools.partial(jax.jit, donate_argnames="state", compiler_options=xla.XLA_OPTIONS)
 def train_step(state, batch):
     """One SGD step on a batch of uint8 images; returns the new state and the batch's metric sums."""
@@ -71,6 +64,13 @@ def metric_sums(logits, labels, mask):
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = logits.argmax(-1) == labels
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
+
+
+@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum", "model"))  # one compilation, not one per op
+def create_train_state(seed, learning_rate, momentum, model=CNN()):
+    """A fresh TrainState: the model's parameters from jax.random.key(seed), SGD with momentum."""
+    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(learning_rate, momentum))
 
 
 @functools.partial(jax.jit, donate_argnames="state", static_argnames="unroll", compiler_options=xla.XLA_OPTIONS)
@@ -157,8 +157,7 @@ def train(args, interrupted):
 
 
 def resume_or_start(args, config, is_main_process):
-    """(state, epochs done, history): from the checkpoint in --workdir with --resume, else fresh.
-    Process 0 alone reads the checkpoint and sends it to the others: hosts need no shared folder."""
+    """(state, epochs done, history), fresh or resumed; process 0 alone reads the checkpoint and sends it."""
     if not (args.resume and is_main_process):
         state, done, history = create_train_state(args.seed, args.learning_rate, args.momentum), 0, []
     else:
@@ -182,13 +181,11 @@ def make_mesh():
 
 def shard(mesh, arrays, batch_axis):
     """Global arrays, split over the mesh along batch_axis, from this process's share of each array."""
-    spec = P(*[None] * batch_axis, "batch")
-
-    def global_array(array):
-        share = array.shape[batch_axis] // jax.process_count()
-        local = np.take(array, np.arange(share) + jax.process_index() * share, axis=batch_axis)
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local)
-    return jax.tree.map(global_array, arrays)
+    sharding = NamedSharding(mesh, P(*[None] * batch_axis, "batch"))
+    share = next(iter(arrays.values())).shape[batch_axis] // jax.process_count()
+    mine = np.arange(share) + jax.process_index() * share
+    return {name: jax.make_array_from_process_local_data(sharding, np.take(array, mine, axis=batch_axis))
+            for name, array in arrays.items()}
 
 
 class TrainingError(Exception):
@@ -239,8 +236,7 @@ def main(argv=None):
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
-        # The event too: a KeyboardInterrupt raised inside JAX's garbage-collection callback is
-        # swallowed there, so train() checks the event between epochs.
+        # The event too: JAX's garbage-collection callback swallows a KeyboardInterrupt raised in it.
         interrupted.set()
         raise KeyboardInterrupt
 
