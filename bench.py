@@ -58,7 +58,7 @@ def time_ours(images, labels, batch_size, steps, mesh):
     warm-up call."""
     state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
     sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
-    steps_per_call, unroll = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
+    steps_per_call, unroll = train.steps_per_call()
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
         input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call),
         -(-steps // steps_per_call) + 1))
@@ -189,7 +189,7 @@ def step_breakdown(images, labels, mesh, batch_size=32):
         seconds, cost = time_call(fn, args)
         flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
         rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
-    steps_per_call, _ = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
+    steps_per_call, _ = train.steps_per_call()
     steps = len(images) // batch_size
     gather = time_it(lambda: sum(1 for _ in input_pipeline.train_batches(  # a whole epoch's shuffle and gathers
         images, labels, batch_size, 0, 1, steps_per_call))) / steps

@@ -25,14 +25,14 @@ DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 ONNX_OPSET = 13
 # The .jax file holds one program for each: a file written on a laptop runs on a GPU server.
 JAX_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-# The StableHLO of JAX 0.10.2, the oldest JAX that requirements.txt admits (the last for Python
-# 3.11). JAX writes the StableHLO of about a month before its release, which older JAX cannot read.
-OLDEST_STABLEHLO = "1.17.0"
+# The oldest JAX that requirements.txt admits (the last for Python 3.11), and its StableHLO: JAX
+# writes the StableHLO of about a month before its release, which older JAX cannot read.
+OLDEST_JAX, OLDEST_STABLEHLO = "0.10.2", "1.17.0"
 
 
 def classifier(state):
     """The exported function: uint8 images [N, 28, 28, 1] -> class probabilities [N, 10]."""
-    return lambda images: jax.nn.softmax(state.apply_fn({"params": state.params}, images.astype(jnp.float32) / 255))
+    return lambda images: jax.nn.softmax(train.model_logits(state, state.params, images))
 
 
 def images_spec():
@@ -105,7 +105,7 @@ def main(argv=None):
         for path in args.out:
             start = time.perf_counter()
             outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))
-            loads = f", JAX {jax.__version__}; loads in JAX 0.10.2 and newer" if path.endswith(".jax") else ""
+            loads = f", JAX {jax.__version__}; loads in JAX {OLDEST_JAX} and newer" if path.endswith(".jax") else ""
             print(f"wrote {path}: epoch {epoch} of {args.ckpt}, {os.path.getsize(path) / 1e6:.1f} MB, "
                   f"{time.perf_counter() - start:.1f} s{loads}")
     except outputs.CheckpointError as e:

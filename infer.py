@@ -9,7 +9,6 @@ import sys
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import input_pipeline
@@ -103,7 +102,7 @@ def mnist_like(path):
 @jax.jit
 def predict(state, images):
     """Class probabilities [N, 10] of uint8 images [N, 28, 28, 1]."""
-    return jax.nn.softmax(state.apply_fn({"params": state.params}, images.astype(jnp.float32) / 255))
+    return jax.nn.softmax(train.model_logits(state, state.params, images))
 
 
 def grid_figure(images, predicted, labels):

@@ -21,7 +21,6 @@ from conftest import (HERE, assert_clean_error, epoch_lines, load_checkpoint, nu
                       train_here, write_dataset, write_idx)
 
 CONFIG = {"batch_size": 32, "seed": 0}
-BACKEND_CALLS = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
 
 
 def on_mesh(state, mesh):
@@ -209,7 +208,7 @@ def test_another_linen_model_trains_without_an_edit_to_train_py(data_dir):
     assert sum(p.size for p in jax.tree.leaves(state.params)) == 784 * 64 + 64 + 64 * 10 + 10
     before = train.evaluate(state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
     for epoch in (1, 2, 3):
-        state, trained = train.train_epoch(state, mesh, images, labels, CONFIG, epoch, BACKEND_CALLS)
+        state, trained = train.train_epoch(state, mesh, images, labels, CONFIG, epoch, train.steps_per_call())
     after = train.evaluate(state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
     assert after["loss"] < before["loss"] / 2 and after["accuracy"] >= 90
 

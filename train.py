@@ -42,10 +42,8 @@ DIVERGED_LOSS = 10 * math.log(10)
 @functools.partial(jax.jit, donate_argnames="state", compiler_options=xla.XLA_OPTIONS)
 def train_step(state, batch):
     """One SGD step on a batch of uint8 images; returns the new state and the batch's metric sums."""
-    images = batch["image"].astype(jnp.float32) / 255
-
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, images)
+        logits = model_logits(state, params, batch["image"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), logits
 
     grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -55,8 +53,13 @@ def train_step(state, batch):
 @functools.partial(jax.jit, compiler_options=xla.XLA_OPTIONS)
 def eval_step(state, batch):
     """The metric sums of an evaluation batch, whose padding (mask 0) does not count."""
-    logits = state.apply_fn({"params": state.params}, batch["image"].astype(jnp.float32) / 255)
+    logits = model_logits(state, state.params, batch["image"])
     return metric_sums(logits, batch["label"], batch["mask"])
+
+
+def model_logits(state, params, images):
+    """The model's logits of uint8 images, scaled to [0, 1] here: batches travel as uint8."""
+    return state.apply_fn({"params": params}, images.astype(jnp.float32) / 255)
 
 
 def metric_sums(logits, labels, mask):
@@ -84,6 +87,11 @@ def train_steps(state, sums, batches, unroll=True):
         return state, jax.tree.map(jnp.add, sums, batch_sums)
     state, batch_sums = jax.lax.scan(step, state, batches, unroll=unroll)
     return state, jax.tree.map(lambda total, stacked: total + stacked.sum(0), sums, batch_sums)
+
+
+def steps_per_call():
+    """(steps per jitted call, unrolled) for the backend JAX runs on."""
+    return STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
 
 
 def train_epoch(state, mesh, images, labels, config, epoch, calls):
@@ -138,11 +146,10 @@ def train(args, interrupted):
     state, done, history = resume_or_start(args, config, is_main_process)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     images_per_epoch = len(train_images) // config["batch_size"] * config["batch_size"]
-    calls = STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
     for epoch in range(done + 1, args.epochs + 1):
         if interrupted.is_set():
             raise KeyboardInterrupt
-        state, trained = train_epoch(state, mesh, train_images, train_labels, config, epoch, calls)
+        state, trained = train_epoch(state, mesh, train_images, train_labels, config, epoch, steps_per_call())
         tested = evaluate(state, mesh, *data["test"])
         history.append({"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
                         "test_loss": tested["loss"], "test_accuracy": tested["accuracy"],

@@ -55,10 +55,10 @@ def use_compilation_cache():
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mnist-jax-flax")
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        mine = os.stat(folder).st_uid == os.getuid() and not os.stat(folder).st_mode & 0o022
+        info = os.stat(folder)
     except OSError:  # a read-only home, say: compile as without a cache
         return
-    if not mine:
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
         print(f"note: not using the compilation cache {folder}: others can write to it", file=sys.stderr)
         return
     jax.config.update("jax_compilation_cache_dir", folder)
