@@ -53,9 +53,9 @@ def quickstart_compute_metrics(state, metrics, images, labels):
             "accuracy_count": metrics["accuracy_count"] + labels.size}
 
 
-def time_ours(images, labels, batch_size, steps, mesh):
-    """Seconds per step of train.train_steps, as train.py calls it, over `steps` batches, after a
-    warm-up call."""
+def time_ours(run_train_steps, images, labels, batch_size, steps, mesh):
+    """Seconds per step of run_train_steps (train.jit_steps' first, what train.py's loop calls), over
+    `steps` batches, after a warm-up call."""
     state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
     sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
     steps_per_call, unroll = train.steps_per_call()
@@ -64,13 +64,13 @@ def time_ours(images, labels, batch_size, steps, mesh):
         -(-steps // steps_per_call) + 1))
     warm = [stacks[0]] + [s for s in stacks[1:] if len(s["label"]) != len(stacks[0]["label"])][:1]
     for stack in warm:  # compile every stack size first
-        state, sums = train.train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
+        state, sums = run_train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
     jax.block_until_ready(sums)
     start, done = time.perf_counter(), 0
     for stack in stacks:
         if done >= steps:
             break
-        state, sums = train.train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
+        state, sums = run_train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
         done += len(stack["label"])
     jax.block_until_ready(sums)
     return (time.perf_counter() - start) / done
@@ -109,11 +109,13 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
     return best
 
 
-def train_step_flops(batch_size):
-    """FLOPs per image of train.train_step, from XLA's cost analysis of it as train.py compiles it."""
+def train_step_flops(run_train_steps, batch_size):
+    """FLOPs per image of one train step, from XLA's cost analysis of run_train_steps (train.jit_steps'
+    first) compiled for a call of one step, which adds no loop."""
     state = train.create_train_state(0, 0.01, 0.9)
-    batch = {"image": jnp.zeros((batch_size, 28, 28, 1), jnp.uint8), "label": jnp.zeros(batch_size, jnp.int32)}
-    cost = train.train_step.lower(state, batch).compile().cost_analysis()
+    sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
+    stack = {"image": jnp.zeros((1, batch_size, 28, 28, 1), jnp.uint8), "label": jnp.zeros((1, batch_size), jnp.int32)}
+    cost = run_train_steps.lower(state, sums, stack).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
 
 
@@ -254,6 +256,7 @@ def main():
         data = input_pipeline.load_dataset("mnist", data_dir)
         images, labels = data["train"]
         mesh = train.make_mesh()
+        run_train_steps, run_eval_step = train.jit_steps()
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
                              "data": "MNIST" if args.data_dir else "random",
@@ -262,7 +265,7 @@ def main():
         seconds = {batch_size: ([], []) for batch_size in (32, 128)}  # ours, the quick start's
         for _ in range(args.rounds):  # both batch sizes in every round: drift hits them alike
             for batch_size in seconds:
-                seconds[batch_size][0].append(time_ours(images, labels, batch_size, args.steps, mesh))
+                seconds[batch_size][0].append(time_ours(run_train_steps, images, labels, batch_size, args.steps, mesh))
                 seconds[batch_size][1].append(time_quickstart(images, labels, batch_size, args.steps))
         for batch_size in seconds:
             ours, theirs = (statistics.median(s) for s in seconds[batch_size])
@@ -276,9 +279,10 @@ def main():
                       f"{len(images) // batch_size * ours:.2f} s")]
         test_images, test_labels = data["test"]
         state = train.create_train_state(0, 0.01, 0.9)
-        train.evaluate(state, mesh, test_images, test_labels)
-        eval_seconds = min(time_it(lambda: train.evaluate(state, mesh, test_images, test_labels)) for _ in range(3))
-        flops = train_step_flops(32)
+        train.evaluate(run_eval_step, state, mesh, test_images, test_labels)
+        eval_seconds = min(time_it(lambda: train.evaluate(run_eval_step, state, mesh, test_images, test_labels))
+                           for _ in range(3))
+        flops = train_step_flops(run_train_steps, 32)
         achieved = flops * figures["batch32"]["ours_images_per_s"] / 1e9
         figures.update(eval_seconds=eval_seconds, train_flops_per_image=flops, achieved_gflops=achieved)
         rows += [(f"evaluate {len(test_images)} test images", f"{eval_seconds:.3f} s"),

@@ -19,7 +19,7 @@ import pytest
 import input_pipeline
 import outputs
 import train
-from model import CNN
+from model import CNN, create_train_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST_DATA_DIR = os.environ.get("MNIST_DATA_DIR")
@@ -58,7 +58,7 @@ def write_dataset(folder, num_train=640, num_test=203, gz=True):
 
 def load_checkpoint(path):
     """(state, epoch, config, history) of a checkpoint of train.py's model."""
-    return outputs.load_checkpoint(str(path), train.create_train_state)
+    return outputs.load_checkpoint(str(path), create_train_state)
 
 
 def epoch_lines(stdout):
@@ -128,7 +128,8 @@ def train_here(*argv):
     """train.train() in this process with train.py's flags; returns its stdout."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        train.train(train.parse_args([str(a) for a in argv]), threading.Event())
+        config, args = train.parse_args([str(a) for a in argv])
+        train.train(config, args.workdir, args.resume, threading.Event())
     return out.getvalue()
 
 

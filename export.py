@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import outputs
-import train
+from model import create_train_state, model_logits
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Opset 13 is the oldest with Softmax over one axis, as here, so older runtimes load the file too.
@@ -32,7 +32,7 @@ OLDEST_JAX, OLDEST_STABLEHLO = "0.10.2", "1.17.0"
 
 def classifier(state):
     """The exported function: uint8 images [N, 28, 28, 1] -> class probabilities [N, 10]."""
-    return lambda images: jax.nn.softmax(train.model_logits(state, state.params, images))
+    return lambda images: jax.nn.softmax(model_logits(state, state.params, images))
 
 
 def images_spec():
@@ -101,7 +101,7 @@ def main(argv=None):
     """Writes each export whole or not at all; every error a user can cause is one line on stderr."""
     args = parse_args(argv)
     try:
-        state, epoch, _, _ = outputs.load_checkpoint(args.ckpt, train.create_train_state)
+        state, epoch, _, _ = outputs.load_checkpoint(args.ckpt, create_train_state)
         for path in args.out:
             start = time.perf_counter()
             outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))
@@ -110,8 +110,8 @@ def main(argv=None):
                   f"{time.perf_counter() - start:.1f} s{loads}")
     except outputs.CheckpointError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # the disk filled up, or the folder went away, while writing
-        sys.exit(f"error: {e}; free space or pick another folder")
+    except OSError as e:  # the disk filled up, or the folder went away or turned read-only, while writing
+        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; {outputs.what_to_do(e)} or pick another folder")
     except KeyboardInterrupt:  # write_atomic removed its temp file
         sys.exit("interrupted; no partial file was left")
 

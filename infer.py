@@ -13,8 +13,8 @@ import numpy as np
 
 import input_pipeline
 import outputs
-import train
 import xla
+from model import create_train_state, model_logits
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Pictures are read at most this large: a digit needs few pixels, and a phone photo read whole
@@ -102,7 +102,22 @@ def mnist_like(path):
 @jax.jit
 def predict(state, images):
     """Class probabilities [N, 10] of uint8 images [N, 28, 28, 1]."""
-    return jax.nn.softmax(train.model_logits(state, state.params, images))
+    return jax.nn.softmax(model_logits(state, state.params, images))
+
+
+@jax.jit
+def log_probabilities(state, images):
+    """Log class probabilities [N, 10] of uint8 images [N, 28, 28, 1]: finite where a probability
+    rounds to 0."""
+    return jax.nn.log_softmax(model_logits(state, state.params, images))
+
+
+def evaluate(state, images, labels, batch_size=1000):
+    """{"loss", "accuracy"} of the model over every example, as train.py's log gives them."""
+    log_probs = np.concatenate([log_probabilities(state, images[start:start + batch_size])
+                                for start in range(0, len(images), batch_size)])
+    loss = -log_probs[np.arange(len(labels)), labels].astype(np.float64).mean()
+    return {"loss": float(loss), "accuracy": float(100 * (log_probs.argmax(-1) == labels).mean())}
 
 
 def grid_figure(images, predicted, labels):
@@ -134,7 +149,7 @@ def parse_args(argv=None):
 
 def run(args):
     """Classifies --image files, or evaluates the test split and draws the first 25."""
-    state, epoch, config, _ = outputs.load_checkpoint(args.ckpt, train.create_train_state)
+    state, epoch, config, _ = outputs.load_checkpoint(args.ckpt, create_train_state)
     if args.image:
         images = np.stack([mnist_like(path) for path in args.image])
         for path, probs in zip(args.image, np.asarray(predict(state, images))):
@@ -142,8 +157,8 @@ def run(args):
             print(f"{path}: {first} ({100 * probs[first]:.1f}%), then {second} ({100 * probs[second]:.1f}%), "
                   f"{third} ({100 * probs[third]:.1f}%)")
         return
-    images, labels = input_pipeline.load_dataset(config["dataset"], args.data_dir, ["test"])["test"]
-    tested = train.evaluate(state, train.make_mesh(), images, labels)
+    images, labels = input_pipeline.load_dataset(config.dataset, args.data_dir, ["test"])["test"]
+    tested = evaluate(state, images, labels)
     print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}", flush=True)
     predicted = np.asarray(predict(state, images[:25])).argmax(-1)
     print("predicted:", " ".join(map(str, predicted)))
@@ -161,8 +176,8 @@ def main(argv=None):
         run(args)
     except (outputs.CheckpointError, input_pipeline.DataError, ImageError) as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # writing --out: a full disk, a folder that does not exist
-        sys.exit(f"error: {e}; free space or pick another folder")
+    except OSError as e:  # writing --out: a full disk, a read-only folder, ...
+        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; {outputs.what_to_do(e)} or pick another folder")
 
 
 if __name__ == "__main__":

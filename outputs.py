@@ -1,7 +1,10 @@
 """What train.py writes to --workdir after every epoch, and reads back: the checkpoint, the
 history and the plot. Every file is written whole or not at all."""
+import dataclasses
+import errno
 import io
 import json
+import numbers
 import os
 import tempfile
 
@@ -9,8 +12,10 @@ import jax
 import numpy as np
 from flax import serialization
 
+from model import Config
+
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
-CONFIG_KEYS = ("dataset", "batch_size", "learning_rate", "momentum", "seed")  # the settings a checkpoint records
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")  # the plot's
 
 
 class CheckpointError(Exception):
@@ -28,8 +33,8 @@ def make_workdir(workdir):
 
 def write_atomic(path, data):
     """Writes bytes to path via a temp file and os.replace: readers see the old or the new file.
-    When it cannot (disk full, quota, read-only), OSError naming the file and the reason, with the
-    file as it was and no temp file left behind."""
+    When it cannot (disk full, quota, read-only), the OSError of its cause, with path as its
+    filename, the file as it was and no temp file left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -38,26 +43,37 @@ def write_atomic(path, data):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror}") from None
+        raise OSError(e.errno, e.strerror, path) from None  # path, not the temp file's name
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def what_to_do(error):
+    """What a user can do about a failed write, by its cause: a full disk or quota, something
+    else at the file's path, or a folder that cannot be written (read-only, no permission)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free space"
+    if error.errno in (errno.EISDIR, errno.ENOTDIR):
+        return f"move what is at {error.filename} out of the way"
+    return f"make {os.path.dirname(error.filename) or '.'} writable"
+
+
 def save_checkpoint(path, state, epoch, config, history):
     """Everything needed to use or resume the run, as one msgpack file."""
     checkpoint = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
-                  "config": config, "history": history}
+                  "config": dataclasses.asdict(config), "history": history}
     write_atomic(path, serialization.msgpack_serialize(checkpoint))
 
 
 def read_checkpoint(path):
-    """The raw checkpoint dict; CheckpointError naming the file when it is missing or broken."""
+    """The checkpoint dict, its config a Config; CheckpointError naming the file when it is
+    missing, broken, or holds what train.py never writes."""
     try:
         with open(path, "rb") as f:
             checkpoint = serialization.msgpack_restore(f.read())
-        if not isinstance(checkpoint, dict) or set(checkpoint) != {"state", "epoch", "config", "history"} \
-                or set(checkpoint["config"]) != set(CONFIG_KEYS):
+        checkpoint["config"] = Config(**checkpoint["config"])
+        if set(checkpoint) != {"state", "epoch", "config", "history"} or not well_formed(checkpoint):
             raise ValueError
         return checkpoint
     except OSError as e:
@@ -66,17 +82,30 @@ def read_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
 
 
+def well_formed(checkpoint):
+    """Whether a checkpoint's settings, epoch and history have the types train.py writes."""
+    config, epoch, history = checkpoint["config"], checkpoint["epoch"], checkpoint["history"]
+    return (all(isinstance(getattr(config, f.name), f.type) or f.type is float and isinstance(
+                getattr(config, f.name), int) for f in dataclasses.fields(config))
+            and isinstance(epoch, int) and isinstance(history, list) and len(history) == epoch
+            and all(isinstance(h, dict) and all(isinstance(h.get(key), numbers.Real) for key in HISTORY_KEYS)
+                    for h in history))
+
+
 def load_checkpoint(path, create_train_state):
-    """(state, epoch, config, history) of a checkpoint, checked against the shapes of the state
-    that create_train_state(seed, learning_rate, momentum) makes."""
+    """(state, epoch, config, history) of a checkpoint, checked against the shapes and dtypes of
+    the state that create_train_state(seed, learning_rate, momentum) makes."""
     checkpoint = read_checkpoint(path)
     config = checkpoint["config"]
     # The shapes alone: eval_shape traces create_train_state without compiling or running it.
-    target = jax.eval_shape(lambda: create_train_state(config["seed"], config["learning_rate"], config["momentum"]))
+    target = jax.eval_shape(lambda: create_train_state(config.seed, config.learning_rate, config.momentum))
     saved, expected = checkpoint["state"], serialization.to_state_dict(target)
     if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
-            np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
+            np.shape(a) != b.shape or np.asarray(a).dtype.kind != b.dtype.kind
+            for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
         raise CheckpointError(f"{path} does not fit this model (other parameter shapes)")
+    if not all(np.isfinite(a).all() for a in jax.tree.leaves(saved)):
+        raise CheckpointError(f"{path} holds parameters that are not finite numbers; it is damaged")
     return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
 
 

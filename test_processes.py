@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import (HERE, assert_clean_error, closed_port, epoch_lines, finish, load_checkpoint,
-                      proxy_settings, run_script, start_script)
+                      proxy_settings, run_script, start_script, write_dataset)
 
 
 def read_until(process, text):
@@ -141,6 +141,57 @@ def test_file_size_limit(data_dir, trained, tmp_path):
     for run, (name, (_, message)) in zip(finish(processes), cases.items()):
         assert_clean_error(run, "^error: " + message.format(tmp=re.escape(str(tmp_path / name))))
         assert os.listdir(tmp_path / name) == [], name
+
+
+@pytest.fixture
+def unwritable_after_epoch_1(tmp_path):
+    """{case: (workdir, how it turns unwritable once epoch 1 is saved, or None: from the start)}:
+    a file system remounted read-only, a folder without write permission, and a folder in the
+    place of metrics.png (its write fails after the checkpoint's)."""
+    mount, cases = tmp_path / "read-only", {}
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", mount],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    cases["read-only"] = (mount, lambda: subprocess.run(["mount", "-o", "remount,ro", mount], check=True))
+    cases["no permission"] = (tmp_path / "no permission", lambda: cases["no permission"][0].chmod(0o555))
+    cases["folder in place"] = (tmp_path / "folder in place", None)
+    (tmp_path / "folder in place" / "metrics.png").mkdir(parents=True)
+    try:
+        yield cases
+    finally:
+        subprocess.run(["umount", "-l", mount])
+
+
+def test_a_write_that_fails_for_another_cause_than_space_says_what_to_do(unwritable_after_epoch_1, tmp_path):
+    """Read-only, no permission, a folder in the file's place: one line that names the cause,
+    what to do about it, and the last checkpoint; not the full disk's advice."""
+    data_dir = write_dataset(tmp_path / "data", num_train=3200)  # epoch 2 outlasts our wait for epoch 1
+    # As root no permission is missing: in a user namespace of its own root is the file's owner alone.
+    as_owner = ["unshare", "--user"] if os.geteuid() == 0 else []
+    processes = {case: subprocess.Popen([*(as_owner if case == "no permission" else []), sys.executable, "train.py",
+                                         "--epochs", "2", "--data-dir", data_dir, "--workdir", str(workdir)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+                 for case, (workdir, _) in unwritable_after_epoch_1.items()}
+    for case, (workdir, make_unwritable) in unwritable_after_epoch_1.items():
+        deadline = time.monotonic() + 120
+        while make_unwritable and not (workdir / "metrics.png").exists():  # epoch 1 saved: its last file
+            assert processes[case].poll() is None and time.monotonic() < deadline, processes[case].stderr.read()
+            time.sleep(0.005)
+        if make_unwritable:
+            make_unwritable()
+    runs = dict(zip(processes, finish(list(processes.values()), timeout=120)))
+    remedies = {"read-only": ("checkpoint.msgpack", "Read-only file system", "make {workdir} writable"),
+                "no permission": ("checkpoint.msgpack", "Permission denied", "make {workdir} writable"),
+                "folder in place": ("metrics.png", "Is a directory", "move what is at {workdir}/metrics.png out of the way")}
+    for case, (workdir, _) in unwritable_after_epoch_1.items():
+        file, cause, remedy = remedies[case]
+        folder = re.escape(str(workdir))
+        assert_clean_error(runs[case], rf"^error: cannot write {folder}/{file}: {cause}; last checkpoint: "
+                                       rf"{folder}/checkpoint.msgpack \(epoch 1\); {remedy.format(workdir=folder)}, "
+                                       rf"then continue with --resume$")
+        assert "free space" not in runs[case].stderr
+        assert load_checkpoint(workdir / "checkpoint.msgpack")[1] == 1
 
 
 def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path):

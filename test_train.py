@@ -17,10 +17,17 @@ import input_pipeline
 import outputs
 import train
 import xla
+from model import Config
 from conftest import (HERE, assert_clean_error, epoch_lines, load_checkpoint, numpy_metrics, synthetic_split,
                       train_here, write_dataset, write_idx)
 
-CONFIG = {"batch_size": 32, "seed": 0}
+CONFIG = Config()
+
+
+@pytest.fixture(scope="module")
+def steps():
+    """(run_train_steps, run_eval_step): train.jit_steps(), what train.py's loop calls."""
+    return train.jit_steps()
 
 
 def on_mesh(state, mesh):
@@ -105,32 +112,35 @@ def test_model_summary_prints_parameter_count(capsys):
 
 
 def test_one_train_step_matches_numpy_and_lowers_the_loss(data_dir):
-    """Golden values: the step's metrics are those of its forward pass, in numpy."""
+    """Golden values: the metrics of one step, as the loop runs it, are those of its forward pass, in numpy."""
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
     batch = {"image": images[:32], "label": labels[:32]}
     state = train.create_train_state(0, 0.01, 0.9)
     loss_before, accuracy_before = numpy_metrics(state.params, batch["image"], batch["label"])
-    state, sums = train.train_step(state, batch)
+    run_train_steps, _ = train.jit_steps()
+    sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
+    state, sums = run_train_steps(state, sums, jax.tree.map(lambda a: a[None], batch))
     assert float(sums["loss"]) / 32 == pytest.approx(loss_before, rel=1e-5)
     assert 100 * float(sums["correct"]) / 32 == pytest.approx(accuracy_before) and float(sums["count"]) == 32
     assert numpy_metrics(state.params, batch["image"], batch["label"])[0] < loss_before
     assert int(state.step) == 1
 
 
-def test_the_jitted_functions_lower_trace_and_eval_shape():
-    """train_step, eval_step and train_steps are jax.jit objects, compiled with our XLA options."""
+def test_the_jitted_steps_lower_trace_and_eval_shape():
+    """jit_steps gives jax.jit objects of train_steps (a scan of train_step) and eval_step, compiled
+    with our XLA options."""
     state = train.create_train_state(0, 0.01, 0.9)
     batch = {"image": jnp.zeros((32, 28, 28, 1), jnp.uint8), "label": jnp.zeros(32, jnp.int32)}
     stack = jax.tree.map(lambda a: jnp.stack([a] * 5), batch)
     sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
-    for jitted, args in ((train.train_step, (state, batch)), (train.eval_step, (state, {**batch, "mask": jnp.ones(32)})),
-                         (train.train_steps, (state, sums, stack))):
+    run_train_steps, run_eval_step = train.jit_steps()
+    for jitted, args in ((run_train_steps, (state, sums, stack)), (run_eval_step, (state, {**batch, "mask": jnp.ones(32)}))):
         assert jitted.trace(*args).jaxpr is not None
-        assert jax.tree.map(lambda a: a.shape, jitted.eval_shape(*args)) is not None
+        metrics = jitted.eval_shape(*args)
+        metrics = metrics[1] if isinstance(metrics, tuple) else metrics  # train_steps: (state, sums)
+        assert jax.tree.map(lambda a: a.shape, metrics) == {"loss": (), "correct": (), "count": ()}
         if jax.default_backend() == "cpu":  # YNNPACK's fusions: our XLA options apply
             assert "ynn" in jitted.lower(*args).compile().as_text().lower()
-    assert jax.tree.map(lambda a: a.shape, train.train_step.eval_shape(state, batch)[1]) == {
-        "loss": (), "correct": (), "count": ()}
 
 
 def test_a_call_of_one_step_has_no_loop(data_dir):
@@ -140,29 +150,31 @@ def test_a_call_of_one_step_has_no_loop(data_dir):
     sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
     one = {"image": jnp.zeros((1, 32, 28, 28, 1), jnp.uint8), "label": jnp.zeros((1, 32), jnp.int32)}
     five = jax.tree.map(lambda a: jnp.concatenate([a] * 5), one)
-    assert "while" not in train.train_steps.lower(state, sums, one).as_text()
-    assert "while" not in train.train_steps.lower(state, sums, five).as_text()  # unrolled
-    assert "while" in train.train_steps.lower(state, sums, five, unroll=False).as_text()
+    run_train_steps, _ = train.jit_steps()
+    assert "while" not in run_train_steps.lower(state, sums, one).as_text()
+    assert "while" not in run_train_steps.lower(state, sums, five).as_text()  # unrolled
+    assert "while" in run_train_steps.lower(state, sums, five, unroll=False).as_text()
 
 
-def test_evaluate_matches_numpy_with_uneven_last_batch(data_dir):
+def test_evaluate_matches_numpy_with_uneven_last_batch(data_dir, steps):
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
     images, labels = np.concatenate([images] * 5), np.concatenate([labels] * 5)  # 1015: last batch 15
     state = train.create_train_state(0, 0.01, 0.9)
-    tested = train.evaluate(state, train.make_mesh(), images, labels)
+    tested = train.evaluate(steps[1], state, train.make_mesh(), images, labels)
     expected_loss, expected_accuracy = numpy_metrics(state.params, images, labels)
     assert tested["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert tested["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
 
 
-def test_train_epoch_metrics_match_numpy(data_dir):
+def test_train_epoch_metrics_match_numpy(data_dir, steps):
     """With learning rate 0 the parameters stay put, so the epoch's sums have a numpy reference."""
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
     images, labels = images[:300], labels[:300]  # 9 batches of 32: two calls, one of 4 steps
     mesh = train.make_mesh()
     state = train.create_train_state(0, 0.0, 0.0)
     params = jax.device_get(state.params)  # a copy: train_epoch donates the state's buffers
-    _, trained = train.train_epoch(on_mesh(state, mesh), mesh, images, labels, CONFIG, 1, train.STEPS_PER_CALL["cpu"])
+    _, trained = train.train_epoch(steps[0], on_mesh(state, mesh), mesh, images, labels, CONFIG, 1,
+                                   train.STEPS_PER_CALL["cpu"])
     seen = np.concatenate([b["label"].ravel() for b in input_pipeline.train_batches(
         np.arange(300), np.arange(300), 32, 0, 1, 5)])
     expected_loss, expected_accuracy = numpy_metrics(params, images[seen], labels[seen])
@@ -170,7 +182,7 @@ def test_train_epoch_metrics_match_numpy(data_dir):
     assert trained["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
 
 
-def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir):
+def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir, steps):
     """The accelerators' way (a rolled scan over many steps per call) forced on the CPU: the
     same metrics and evaluation as XLA:CPU's 5 unrolled steps per call, and the same parameters
     but for sums taken in another order."""
@@ -178,16 +190,16 @@ def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir):
     mesh = train.make_mesh()
     results = []
     for calls in (train.STEPS_PER_CALL["cpu"], (10, False)):  # 20 steps: 4 calls of 5, or 2 of 10
-        state, trained = train.train_epoch(on_mesh(train.create_train_state(0, 0.01, 0.9), mesh), mesh, images,
-                                           labels, CONFIG, 1, calls)
+        state, trained = train.train_epoch(steps[0], on_mesh(train.create_train_state(0, 0.01, 0.9), mesh), mesh,
+                                           images, labels, CONFIG, 1, calls)
         results.append((state, [trained["loss"], trained["accuracy"]]))
     (state, metrics), (rolled_state, rolled_metrics) = results
     assert rolled_metrics == pytest.approx(metrics, rel=1e-5)
     test_images, test_labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
     # Sums in another order move the parameters apart step by step: after these 20 steps, at most
     # 4e-7 of a leaf's largest value on JAX 0.10.2 but 7e-3 on JAX 0.11.2.
-    assert train.evaluate(rolled_state, mesh, test_images, test_labels) == pytest.approx(
-        train.evaluate(state, mesh, test_images, test_labels), rel=1e-3)
+    assert train.evaluate(steps[1], rolled_state, mesh, test_images, test_labels) == pytest.approx(
+        train.evaluate(steps[1], state, mesh, test_images, test_labels), rel=1e-3)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(rolled_state.params)):
         assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
 
@@ -201,15 +213,15 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-def test_another_linen_model_trains_without_an_edit_to_train_py(data_dir):
+def test_another_linen_model_trains_without_an_edit_to_train_py(data_dir, steps):
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
     mesh = train.make_mesh()
     state = on_mesh(train.create_train_state(0, 0.01, 0.9, model=MLP()), mesh)
     assert sum(p.size for p in jax.tree.leaves(state.params)) == 784 * 64 + 64 + 64 * 10 + 10
-    before = train.evaluate(state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
+    before = train.evaluate(steps[1], state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
     for epoch in (1, 2, 3):
-        state, trained = train.train_epoch(state, mesh, images, labels, CONFIG, epoch, train.steps_per_call())
-    after = train.evaluate(state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
+        state, trained = train.train_epoch(steps[0], state, mesh, images, labels, CONFIG, epoch, train.steps_per_call())
+    after = train.evaluate(steps[1], state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
     assert after["loss"] < before["loss"] / 2 and after["accuracy"] >= 90
 
 
@@ -222,14 +234,12 @@ def test_short_run_learns_synthetic_digits(trained):
 def test_an_xla_option_unknown_to_xla_is_left_out_once(data_dir, trained, tmp_path, monkeypatch, capsys):
     """A release that drops one of our options trains as before, with its default and one line."""
     monkeypatch.setattr(xla, "XLA_OPTIONS", {**xla.XLA_OPTIONS, "xla_made_up_option": True})
-    for cached in (xla.refused_options, xla.without_refused_options):
-        cached.cache_clear()
+    xla.compiler_options.cache_clear()
     try:
         stdout = train_here("--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path)
         train_here("--epochs", 2, "--resume", "--data-dir", data_dir, "--workdir", tmp_path)
     finally:
-        for cached in (xla.refused_options, xla.without_refused_options):
-            cached.cache_clear()
+        xla.compiler_options.cache_clear()
     assert epoch_lines(stdout) == epoch_lines(trained[1])[:2]  # the other options still apply
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith("note: the XLA of JAX ") and notes[0].endswith(
@@ -262,14 +272,15 @@ def test_the_workdir_holds_checkpoint_history_and_plot(trained):
     assert (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2)) == epoch_lines(stdout)[-1][2:]
     assert (workdir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, epoch, config, saved_history = load_checkpoint(workdir / "checkpoint.msgpack")
-    assert epoch == 2 and config["dataset"] == "mnist" and saved_history == history
+    assert epoch == 2 and config.dataset == "mnist" and saved_history == history
 
 
 def test_checkpoint_round_trip(tmp_path):
     state = train.create_train_state(3, 0.05, 0.5)
     state = state.replace(opt_state=jax.tree.map(lambda a: a + 1, state.opt_state), step=7)
-    config = {"dataset": "mnist", "batch_size": 16, "learning_rate": 0.05, "momentum": 0.5, "seed": 3}
-    history = [{"epoch": 4, "train_loss": 0.5, "test_accuracy": 91.25}]
+    config = Config(batch_size=16, learning_rate=0.05, momentum=0.5, seed=3, data_dir="/data")
+    history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25,
+                "epoch_time": 1.5} for e in (1, 2, 3, 4)]
     outputs.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
     loaded, epoch, loaded_config, loaded_history = load_checkpoint(tmp_path / "c")
     assert (epoch, loaded_config, loaded_history, int(loaded.step)) == (4, config, history, 7)
@@ -280,15 +291,16 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "c")
-    config = {"dataset": "mnist", "batch_size": 32, "learning_rate": 0.01, "momentum": 0.9, "seed": 0}
-    outputs.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 1, config, [])
+    history = [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25}]
+    outputs.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 1, Config(), history)
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
-    with pytest.raises(OSError, match=r"^cannot write .*c: No space left on device$"):
-        outputs.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, config, [])
+    with pytest.raises(OSError) as raised:
+        outputs.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, Config(), history * 2)
+    assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (28, "No space left on device", path)
     assert load_checkpoint(path)[1] == 1
     assert os.listdir(tmp_path) == ["c"]
 
@@ -415,7 +427,7 @@ def test_unreachable_coordinator_is_one_line_within_peer_timeout(data_dir, tmp_p
     import distributed
     from conftest import closed_port
 
-    args = train.parse_args(["--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes", "2",
+    _, args = train.parse_args(["--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes", "2",
                              "--process-id", "1", "--peer-timeout", "1"])
     start = time.perf_counter()
     with pytest.raises(distributed.StartError, match=r"^cannot reach the coordinator at 127.0.0.1:\d+ within 1 s "

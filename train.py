@@ -1,11 +1,11 @@
 """Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`. `--help` lists the flags.
 
-The jitted train_step and eval_step, the state, the epoch loop and its log; then several steps per
-call, data parallelism over every device (batches split, parameters replicated, jit adds the
-gradient all-reduce), resume, and one line on stderr for every error a user can cause.
+The train_step and eval_step, jitted in one place with several steps per call, the epoch loop and
+its log; then data parallelism over every device (batches split, parameters replicated, jit adds
+the gradient all-reduce), resume, and one line on stderr for every error a user can cause.
 """
 import argparse
-import functools
+import dataclasses
 import math
 import os
 import signal
@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -27,7 +26,7 @@ import distributed
 import input_pipeline
 import outputs
 import xla
-from model import CNN
+from model import Config, create_train_state, model_logits
 
 EVAL_BATCH_SIZE = 1000
 # Train steps per jitted call, and whether lax.scan unrolls them, by backend (PERFORMANCE.md,
@@ -39,7 +38,6 @@ ACCELERATOR_STEPS_PER_CALL = (500, False)
 DIVERGED_LOSS = 10 * math.log(10)
 
 
-@functools.partial(jax.jit, donate_argnames="state", compiler_options=xla.XLA_OPTIONS)
 def train_step(state, batch):
     """One SGD step on a batch of uint8 images; returns the new state and the batch's metric sums."""
     def loss_fn(params):
@@ -50,16 +48,10 @@ def train_step(state, batch):
     return state.apply_gradients(grads=grads), metric_sums(logits, batch["label"], jnp.ones(batch["label"].shape))
 
 
-@functools.partial(jax.jit, compiler_options=xla.XLA_OPTIONS)
 def eval_step(state, batch):
     """The metric sums of an evaluation batch, whose padding (mask 0) does not count."""
     logits = model_logits(state, state.params, batch["image"])
     return metric_sums(logits, batch["label"], batch["mask"])
-
-
-def model_logits(state, params, images):
-    """The model's logits of uint8 images, scaled to [0, 1] here: batches travel as uint8."""
-    return state.apply_fn({"params": params}, images.astype(jnp.float32) / 255)
 
 
 def metric_sums(logits, labels, mask):
@@ -69,24 +61,23 @@ def metric_sums(logits, labels, mask):
     return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
 
 
-@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum", "model"))  # one compilation, not one per op
-def create_train_state(seed, learning_rate, momentum, model=CNN()):
-    """A fresh TrainState: the model's parameters from jax.random.key(seed), SGD with momentum."""
-    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(learning_rate, momentum))
-
-
-@functools.partial(jax.jit, donate_argnames="state", static_argnames="unroll", compiler_options=xla.XLA_OPTIONS)
 def train_steps(state, sums, batches, unroll=True):
-    """train_step over a stack of batches [k, B, ...] in one call; adds their metric sums to sums."""
-    step = train_step.__wrapped__  # the step unjitted: a jit with compiler_options cannot be nested
+    """train_step over a stack of batches [k, B, ...], in one jitted call; adds their metric sums to sums."""
     if len(batches["label"]) == 1:
         # lax.scan makes a while loop even of one step, and XLA:CPU runs the gradient convolutions
         # inside a loop as plain loops (PERFORMANCE.md, section 7).
-        state, batch_sums = step(state, jax.tree.map(lambda a: a[0], batches))
+        state, batch_sums = train_step(state, jax.tree.map(lambda a: a[0], batches))
         return state, jax.tree.map(jnp.add, sums, batch_sums)
-    state, batch_sums = jax.lax.scan(step, state, batches, unroll=unroll)
+    state, batch_sums = jax.lax.scan(train_step, state, batches, unroll=unroll)
     return state, jax.tree.map(lambda total, stacked: total + stacked.sum(0), sums, batch_sums)
+
+
+def jit_steps():
+    """(train_steps, eval_step) jitted, the one place they are, as the loop runs them: with our XLA
+    options less any the running XLA refuses, and train_steps donating the state it replaces."""
+    options = xla.compiler_options()
+    return (jax.jit(train_steps, donate_argnames="state", static_argnames="unroll", compiler_options=options),
+            jax.jit(eval_step, compiler_options=options))
 
 
 def steps_per_call():
@@ -94,17 +85,15 @@ def steps_per_call():
     return STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
 
 
-def train_epoch(state, mesh, images, labels, config, epoch, calls):
+def train_epoch(run_train_steps, state, mesh, images, labels, config, epoch, calls):
     """One pass over the training set, `calls` = (steps per call, unrolled); (state, epoch's metrics)."""
     steps, unroll = calls
-    run_steps = xla.without_refused_options(train_steps, donate_argnames="state", static_argnames="unroll")
     sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
     start, in_flight = time.perf_counter(), []
-    with tqdm(total=len(images) // config["batch_size"], unit="step", leave=False,
+    with tqdm(total=len(images) // config.batch_size, unit="step", leave=False,
               disable=not sys.stderr.isatty() or jax.process_index() > 0) as bar:
-        for batches in input_pipeline.train_batches(images, labels, config["batch_size"], config["seed"],
-                                                    epoch, steps):
-            state, sums = run_steps(state, sums, shard(mesh, batches, batch_axis=1), unroll)
+        for batches in input_pipeline.train_batches(images, labels, config.batch_size, config.seed, epoch, steps):
+            state, sums = run_train_steps(state, sums, shard(mesh, batches, batch_axis=1), unroll)
             # JAX runs calls asynchronously. Two in flight, not the whole epoch: XLA:CPU with several
             # devices on few cores deadlocks with a deep queue, and a NaN loss stops the run at once.
             in_flight.append(sums["loss"])
@@ -119,38 +108,38 @@ def train_epoch(state, mesh, images, labels, config, epoch, calls):
                    "seconds": time.perf_counter() - start}
 
 
-def evaluate(state, mesh, images, labels):
+def evaluate(run_eval_step, state, mesh, images, labels):
     """{"loss", "accuracy"} over every example: the last batch is padded and its padding masked out."""
-    run_eval = xla.without_refused_options(eval_step)
     batch_size = -(-EVAL_BATCH_SIZE // jax.device_count()) * jax.device_count()
-    sums = jax.device_get([run_eval(state, shard(mesh, batch, batch_axis=0))
+    sums = jax.device_get([run_eval_step(state, shard(mesh, batch, batch_axis=0))
                            for batch in input_pipeline.eval_batches(images, labels, batch_size)])
     totals = {name: np.sum([s[name] for s in sums], dtype=np.float64) for name in sums[0]}
     return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(100 * totals["correct"] / totals["count"])}
 
 
-def train(args, interrupted):
-    """The epoch loop and its log; stops with KeyboardInterrupt between epochs once `interrupted` is set."""
-    config = {key: getattr(args, key) for key in outputs.CONFIG_KEYS}
+def train(config, workdir, resume, interrupted):
+    """The epoch loop and its log, with the settings of `config`, writing to workdir; resume: go
+    on from its checkpoint. Stops with KeyboardInterrupt between epochs once `interrupted` is set."""
     mesh = make_mesh()
-    if config["batch_size"] % jax.device_count():
-        raise TrainingError(f"--batch-size {config['batch_size']} is not divisible by the {jax.device_count()} "
+    if config.batch_size % jax.device_count():
+        raise TrainingError(f"--batch-size {config.batch_size} is not divisible by the {jax.device_count()} "
                             f"devices; pick a multiple of {jax.device_count()}", every_process=True)
     is_main_process = jax.process_index() == 0  # it alone prints and writes
     if is_main_process:
-        outputs.make_workdir(args.workdir)
-    data = input_pipeline.load_dataset(args.dataset, args.data_dir)
-    train_images, train_labels = data["train"]
-    if config["batch_size"] > len(train_images):
-        raise TrainingError(f"--batch-size {config['batch_size']} is larger than the {len(train_images)} training images")
-    state, done, history = resume_or_start(args, config, is_main_process)
+        outputs.make_workdir(workdir)
+    data = input_pipeline.load_dataset(config.dataset, config.data_dir)
+    num_train = len(data["train"][1])
+    if config.batch_size > num_train:
+        raise TrainingError(f"--batch-size {config.batch_size} is larger than the {num_train} training images")
+    state, done, history = resume_or_start(config, workdir, resume, is_main_process)
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    images_per_epoch = len(train_images) // config["batch_size"] * config["batch_size"]
-    for epoch in range(done + 1, args.epochs + 1):
+    run_train_steps, run_eval_step = jit_steps()
+    images_per_epoch = num_train // config.batch_size * config.batch_size
+    for epoch in range(done + 1, config.epochs + 1):
         if interrupted.is_set():
             raise KeyboardInterrupt
-        state, trained = train_epoch(state, mesh, train_images, train_labels, config, epoch, steps_per_call())
-        tested = evaluate(state, mesh, *data["test"])
+        state, trained = train_epoch(run_train_steps, state, mesh, *data["train"], config, epoch, steps_per_call())
+        tested = evaluate(run_eval_step, state, mesh, *data["test"])
         history.append({"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
                         "test_loss": tested["loss"], "test_accuracy": tested["accuracy"],
                         "epoch_time": trained["seconds"]})
@@ -159,24 +148,25 @@ def train(args, interrupted):
             print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}")
             print(f"epoch {epoch} time: {trained['seconds']:.2f} s, "
                   f"{images_per_epoch / trained['seconds']:.0f} images/s", flush=True)
-            outputs.save(args.workdir, state, epoch, config, history)
+            outputs.save(workdir, state, epoch, config, history)
     return state
 
 
-def resume_or_start(args, config, is_main_process):
+def resume_or_start(config, workdir, resume, is_main_process):
     """(state, epochs done, history), fresh or resumed; process 0 alone reads the checkpoint and sends it."""
-    if not (args.resume and is_main_process):
-        state, done, history = create_train_state(args.seed, args.learning_rate, args.momentum), 0, []
+    if not (resume and is_main_process):
+        state, done, history = create_train_state(config.seed, config.learning_rate, config.momentum), 0, []
     else:
-        path = os.path.join(args.workdir, outputs.CHECKPOINT)
-        state, done, saved_config, history = outputs.load_checkpoint(path, create_train_state)
-        changed = [f"--{key.replace('_', '-')} {config[key]} (checkpoint: {saved_config[key]})"
-                   for key in outputs.CONFIG_KEYS if config[key] != saved_config[key]]
+        path = os.path.join(workdir, outputs.CHECKPOINT)
+        state, done, saved, history = outputs.load_checkpoint(path, create_train_state)
+        changed = [f"--{name.replace('_', '-')} {value} (checkpoint: {getattr(saved, name)})"
+                   for name, value in dataclasses.asdict(config).items()
+                   if name not in ("epochs", "data_dir") and value != getattr(saved, name)]
         if changed:
             raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
-        if done >= args.epochs:
+        if done >= config.epochs:
             print(f"{path} already holds epoch {done}; pass a larger --epochs to go on")
-    if args.resume:
+    if resume:
         state, done = multihost_utils.broadcast_one_to_all((state, done))
     return state, int(done), history
 
@@ -218,27 +208,27 @@ def positive(kind):
 
 
 def parse_args(argv=None):
-    """The command line; the defaults are the Flax quick start's."""
+    """The command line: (the run's Config, all flags); the defaults are Config's, the Flax quick start's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=positive(int), default=10, help="train up to this epoch")
-    parser.add_argument("--batch-size", type=positive(int), default=32, help="global batch size")
-    parser.add_argument("--learning-rate", type=positive(float), default=0.01, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and shuffling")
-    parser.add_argument("--dataset", choices=input_pipeline.DATASETS, default="mnist")
+    parser.add_argument("--epochs", type=positive(int), default=Config.epochs, help="train up to this epoch")
+    parser.add_argument("--batch-size", type=positive(int), default=Config.batch_size, help="global batch size")
+    parser.add_argument("--learning-rate", type=positive(float), default=Config.learning_rate, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=Config.momentum, help="SGD momentum")
+    parser.add_argument("--seed", type=int, default=Config.seed, help="seed of the initialization and shuffling")
+    parser.add_argument("--dataset", choices=input_pipeline.DATASETS, default=Config.dataset)
     parser.add_argument("--data-dir", help="folder with the four IDX files (raw or .gz); default: download through TFDS")
     parser.add_argument("--workdir", default="./workdir", help="where checkpoint, history and plot go")
     parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
     distributed.add_flags(parser, positive(int))
     args = parser.parse_args(argv)
     distributed.check_flags(parser, args)
-    return args
+    return Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)}), args
 
 
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
-    args = parse_args(argv)
+    config, args = parse_args(argv)
     xla.use_compilation_cache()
     interrupted = threading.Event()
 
@@ -253,13 +243,13 @@ def main(argv=None):
     try:
         if args.distributed:
             distributed.start(args)
-        train(args, interrupted)
+        train(config, args.workdir, args.resume, interrupted)
         return
     except (TrainingError, outputs.CheckpointError, input_pipeline.DataError, distributed.StartError) as e:
         message, every_process = f"error: {e}", getattr(e, "every_process", False)
-    except OSError as e:  # a write failed (full disk, quota): the files of the last epoch are intact
+    except OSError as e:  # a write failed (full disk, read-only, ...): the files of the last epoch are intact
         saved, go_on = outputs.last_checkpoint(args.workdir)
-        message = f"error: {e}; {saved}; free space, then {go_on}"
+        message = f"error: cannot write {e.filename}: {e.strerror}; {saved}; {outputs.what_to_do(e)}, then {go_on}"
     except KeyboardInterrupt:
         message = "interrupted; {}; {}".format(*outputs.last_checkpoint(args.workdir))
     except Exception as e:
