@@ -5,6 +5,7 @@ draws them; with --image it classifies your own pictures of digits.
 """
 import argparse
 import os
+import struct
 import sys
 import warnings
 
@@ -20,6 +21,9 @@ DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Pictures are read at most this large: a digit needs few pixels, and a phone photo read whole
 # takes several times the time and memory (PERFORMANCE.md, section 7).
 MAX_SIDE = 512
+# What Pillow raises on damaged or unsupported files: its own errors, and what its parsers hit on
+# bytes they did not expect (fuzzing found each; test_fuzz.py).
+PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 class ImageError(Exception):
@@ -32,40 +36,49 @@ def read_picture(path):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():  # above MAX_IMAGE_PIXELS Pillow only warns; 2x above, it refuses
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damage it reads past ("Corrupt EXIF data")
+            # Above MAX_IMAGE_PIXELS Pillow only warns; 2x above, it refuses.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG: decoded at 1/2 to 1/8 of its size
                 image.thumbnail((MAX_SIDE, MAX_SIDE))
-                picture = ImageOps.exif_transpose(image)  # a copy, which outlives the file
+                layers = pixel_layers(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise ImageError(f"{path} does not exist") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path} is not a picture Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"{path} is too large to read safely ({e}); scale it down first") from None
-    except (OSError, SyntaxError) as e:  # SyntaxError: Pillow's name for some damaged files
+    except PILLOW_ERRORS as e:
         if getattr(e, "errno", None):  # the file system's: no permission, a folder, ...
             raise ImageError(f"cannot read {path}: {e.strerror}") from None
-        raise ImageError(f"{path} cannot be decoded ({e}); is it damaged or cut short?") from None
-    return viewed_gray(picture)
+        raise ImageError(f"{path} cannot be decoded ({e or type(e).__name__}); is it damaged or cut short?") from None
+    return viewed_gray(*layers)
 
 
-def viewed_gray(image):
-    """float32 gray [H, W] in 0-255 of a decoded picture. With a transparent background the opacity
-    is the drawing (light on dark), whatever the colours hold; else transparency is shown on white."""
+def pixel_layers(image):
+    """Pillow's part of reading a decoded picture, where a damaged one fails: (gray float32 [H, W]
+    with transparency shown on white, its opacity or None, whether deeper than 8 bits)."""
     from PIL import Image
 
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # deeper than 8 bits: scaled, not clipped
-        gray = np.asarray(image, np.float32)
-        return (gray - gray.min()) * (255 / max(np.ptp(gray), 1e-6))
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return np.asarray(image, np.float32), None, True
     if not image.has_transparency_data:
-        return np.asarray(image.convert("L"), np.float32)
+        return np.asarray(image.convert("L"), np.float32), None, False
     rgba = image.convert("RGBA")
-    alpha = np.asarray(rgba, np.float32)[..., 3]
-    if np.median(border(alpha)) < 128:
-        return alpha
-    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L"), np.float32)
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
+    return np.asarray(on_white, np.float32), np.asarray(rgba, np.float32)[..., 3], False
+
+
+def viewed_gray(gray, opacity, deep):
+    """float32 gray [H, W] in 0-255 of pixel_layers. Deeper than 8 bits: scaled, not clipped. With a
+    transparent background the opacity is the drawing (light on dark), whatever the colours hold."""
+    if deep:
+        return (gray - gray.min()) * (255 / max(np.ptp(gray), 1e-6))
+    if opacity is not None and np.median(border(opacity)) < 128:
+        return opacity
+    return gray
 
 
 def border(array):

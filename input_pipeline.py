@@ -5,6 +5,7 @@ downloaded through TFDS's download manager (registered checksums, cache). Tensor
 never imported: we parse the IDX files with numpy.
 """
 import gzip
+import math
 import os
 import pathlib
 import threading
@@ -21,6 +22,7 @@ FILES = {
 }
 ALL_FILES = sum(FILES.values(), ())
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
+NUM_CLASSES = 10  # MNIST's digits, Fashion-MNIST's kinds of clothing
 
 
 class DataError(Exception):
@@ -28,21 +30,33 @@ class DataError(Exception):
 
 
 def parse_idx(path, magic):
-    """Reads one IDX file (raw or .gz) into a uint8 array, checking its header against its size."""
+    """Reads one IDX file (raw or .gz) into a uint8 array. The shape its header claims is checked
+    against the data the file holds, read up to its end: memory never exceeds the real data."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             header = f.read(4)
             if len(header) < 4 or int.from_bytes(header, "big") != magic:
                 raise DataError(f"{path} is not an IDX file of this kind (magic number is not {magic:#010x})")
-            shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(magic & 0xFF))
-            array = np.empty(shape, np.uint8)  # read straight into place: no second copy in memory
-            size = f.readinto(memoryview(array).cast("B"))
-            extra = len(f.read(1))
+            dims = f.read(4 * (magic & 0xFF))
+            shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims) - 3, 4))
+            if len(shape) != magic & 0xFF or 0 in shape:
+                raise DataError(f"{path} has a damaged header: it gives the shape {shape}")
+            data = read_at_most(f, math.prod(shape))
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if size != array.size or extra:
-        raise DataError(f"{path} is truncated or too long for the shape its header gives, {shape}")
-    return array
+    if len(data) != math.prod(shape):
+        raise DataError(f"{path} is damaged or cut short: its header gives the shape {shape}, and the data "
+                        f"that follows is {'shorter' if len(data) < math.prod(shape) else 'longer'}")
+    return np.frombuffer(data, np.uint8).reshape(shape)  # the bytearray's memory, not a copy
+
+
+def read_at_most(f, size, block=1 << 20):
+    """The bytes of a file up to its end, or to size + 1 if it holds more, in blocks of one size
+    whatever size claims: a file that claims more takes no more memory than it holds."""
+    data = bytearray()
+    while len(data) <= size and (chunk := f.read(block)):
+        data += chunk
+    return data
 
 
 def find_file(data_dir, name):
@@ -63,6 +77,9 @@ def parse_split(images_path, labels_path):
         raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28")
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if (bad := np.flatnonzero(labels >= NUM_CLASSES)).size:
+        raise DataError(f"{labels_path} is damaged: label {labels[bad[0]]} at index {bad[0]}, where labels are "
+                        f"0 to {NUM_CLASSES - 1}")
     return images[..., None], labels.astype(np.int32)
 
 

@@ -2,6 +2,7 @@
 history and the plot. Every file is written whole or not at all."""
 import dataclasses
 import errno
+import functools
 import io
 import json
 import numbers
@@ -10,7 +11,7 @@ import tempfile
 
 import jax
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
 from model import Config
 
@@ -99,14 +100,21 @@ def load_checkpoint(path, create_train_state):
     config = checkpoint["config"]
     # The shapes alone: eval_shape traces create_train_state without compiling or running it.
     target = jax.eval_shape(lambda: create_train_state(config.seed, config.learning_rate, config.momentum))
-    saved, expected = checkpoint["state"], serialization.to_state_dict(target)
-    if jax.tree.structure(saved) != jax.tree.structure(expected) or any(
-            np.shape(a) != b.shape or np.asarray(a).dtype.kind != b.dtype.kind
-            for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(expected))):
+    flat = functools.partial(traverse_util.flatten_dict, keep_empty_nodes=True)  # no sorting: keys of any type
+    saved, expected = checkpoint["state"], flat(serialization.to_state_dict(target))
+    leaves = flat(saved) if isinstance(saved, dict) else {}
+    if leaves.keys() != expected.keys() or not all(same_layout(leaves[key], leaf) for key, leaf in expected.items()):
         raise CheckpointError(f"{path} does not fit this model (other parameter shapes)")
-    if not all(np.isfinite(a).all() for a in jax.tree.leaves(saved)):
+    if not all(np.isfinite(leaf).all() for leaf in leaves.values() if leaf is not traverse_util.empty_node):
         raise CheckpointError(f"{path} holds parameters that are not finite numbers; it is damaged")
     return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
+
+
+def same_layout(saved, expected):
+    """Whether a saved leaf has the shape and kind of number (or is the empty node) of the expected one."""
+    if expected is traverse_util.empty_node:
+        return saved is traverse_util.empty_node
+    return np.shape(saved) == expected.shape and np.asarray(saved).dtype.kind == expected.dtype.kind
 
 
 def last_checkpoint(workdir):

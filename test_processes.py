@@ -1,6 +1,7 @@
 """What only a process shows: the command line end to end, signals, kill -9, a file that cannot
 grow, no network, simulated devices, several processes and Open MPI."""
 import concurrent.futures
+import gzip
 import json
 import os
 import pathlib
@@ -192,6 +193,35 @@ def test_a_write_that_fails_for_another_cause_than_space_says_what_to_do(unwrita
                                        rf"then continue with --resume$")
         assert "free space" not in runs[case].stderr
         assert load_checkpoint(workdir / "checkpoint.msgpack")[1] == 1
+
+
+def test_damaged_files_end_in_one_line_within_seconds(data_dir, trained, tmp_path):
+    """An image file whose header claims 2^31 images, a label file with a label past 9 and a PNG
+    whose header chunk is cut short: one line that names the file, status 1, within 10 s."""
+    for case in ("claims more", "label 10"):
+        shutil.copytree(data_dir, tmp_path / case)
+    images = bytearray(gzip.decompress((tmp_path / "claims more" / "train-images-idx3-ubyte.gz").read_bytes()))
+    images[4:8] = (2 ** 31).to_bytes(4, "big")
+    (tmp_path / "claims more" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(images)))
+    labels = bytearray(gzip.decompress((tmp_path / "label 10" / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    labels[8 + 7] = 10
+    (tmp_path / "label 10" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
+    picture = tmp_path / "a.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + (6).to_bytes(4, "big") + b"IHDR" + bytes(6 + 4))  # 13 bytes in PNG
+    cases = {"claims more": (["train.py", "--data-dir", tmp_path / "claims more", "--workdir", tmp_path / "w1"],
+                             r"train-images-idx3-ubyte.gz is damaged or cut short: its header gives the shape "
+                             r"\(2147483648, 28, 28\), and the data that follows is shorter$"),
+             "label 10": (["train.py", "--data-dir", tmp_path / "label 10", "--workdir", tmp_path / "w2"],
+                          r"t10k-labels-idx1-ubyte.gz is damaged: label 10 at index 7, where labels are 0 to 9$"),
+             "cut IHDR": (["infer.py", "--ckpt", trained[0] / "checkpoint.msgpack", "--image", picture],
+                          r"a.png cannot be decoded \(Truncated IHDR chunk\); is it damaged or cut short\?$")}
+    start = time.perf_counter()
+    runs = finish([start_script(*args) for args, _ in cases.values()], timeout=60)
+    assert time.perf_counter() - start < 10
+    for run, (args, message) in zip(runs, cases.values()):
+        assert run.returncode == 1
+        assert_clean_error(run, r"^error: .*" + message)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path):

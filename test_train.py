@@ -1,5 +1,6 @@
 """train.py, input_pipeline.py, outputs.py and model.py in this process: the quick tier,
 `python -m pytest -q test_train.py`, to run after every edit."""
+import gzip
 import json
 import os
 import re
@@ -323,6 +324,7 @@ def test_plot_ticks_whole_epochs():
     (["--batch-size", "0"], r"--batch-size: must be greater than 0"),
     (["--learning-rate", "-0.1"], r"--learning-rate: must be greater than 0"),
     (["--dataset", "cifar10"], r"--dataset: invalid choice: 'cifar10'"),
+    (["--seed", "-1"], r"--seed: must be 0 to 9223372036854775807, got -1"),
     (["--batch-size", "641"], r"--batch-size 641 is larger than the 640 training images"),
     (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], r"--process-id must be 0 to 1, got 2"),
     (["--coordinator", "127.0.0.1:1"], r"--coordinator, --num-processes and --process-id go together"),
@@ -346,6 +348,16 @@ def broken_data(folder, damage):
         write_idx(images_gz[:-3], synthetic_split(639, 1)[0])
     elif damage == "not 28x28":
         write_idx(images_gz[:-3], np.zeros((640, 32, 32), np.uint8))
+    elif damage == "claims 2^31 images":
+        data = bytearray(gzip.decompress(open(images_gz, "rb").read()))
+        data[4:8] = (2 ** 31).to_bytes(4, "big")
+        open(images_gz, "wb").write(gzip.compress(bytes(data)))
+    elif damage == "zero columns":
+        write_idx(images_gz[:-3], np.zeros((640, 28, 0), np.uint8))
+    elif damage == "label 10":
+        labels = synthetic_split(640, 1)[1]
+        labels[5] = 10
+        write_idx(os.path.join(folder, "train-labels-idx1-ubyte"), labels)
     return folder
 
 
@@ -356,6 +368,10 @@ def broken_data(folder, damage):
     ("wrong magic", r"train-images-idx3-ubyte.gz is not an IDX file of this kind"),
     ("count mismatch", r"has 639 images but .* has 640 labels"),
     ("not 28x28", r"holds 32x32 images, not 28x28"),
+    ("claims 2^31 images", r"train-images-idx3-ubyte.gz is damaged or cut short: its header gives the shape "
+                           r"\(2147483648, 28, 28\), and the data that follows is shorter"),
+    ("zero columns", r"train-images-idx3-ubyte.gz has a damaged header: it gives the shape \(640, 28, 0\)"),
+    ("label 10", r"train-labels-idx1-ubyte.gz is damaged: label 10 at index 5, where labels are 0 to 9"),
 ])
 def test_bad_data(run_main, tmp_path, damage, message):
     folder = tmp_path / "missing" if damage == "no folder" else broken_data(str(tmp_path / "data"), damage)

@@ -223,6 +223,8 @@ def parse_args(argv=None):
     distributed.add_flags(parser, positive(int))
     args = parser.parse_args(argv)
     distributed.check_flags(parser, args)
+    if not 0 <= args.seed < 2 ** 63:  # what jax.random.key and numpy's generators take
+        parser.error(f"argument --seed: must be 0 to {2 ** 63 - 1}, got {args.seed}")
     return Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)}), args
 
 
