@@ -2,8 +2,8 @@
 
 Absolute times drift on shared machines, so the two ways and the two batch sizes alternate in
 rounds and the table shows medians and their ratios. Also: evaluation speed, FLOPs against a matmul
-ceiling, and the wall time and peak memory of `train.py --epochs 1` and `infer.py --ckpt` as
-whole processes.
+ceiling, and as whole processes: the wall time and peak memory of `train.py --epochs 1`, its start
+to the first step with an empty and a warm compilation cache, and `infer.py --ckpt`.
 """
 import argparse
 import gzip
@@ -209,11 +209,28 @@ MEASURE = ("import resource, subprocess, sys; code = subprocess.call([sys.execut
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
 
 
-def time_process(args, until=None):
+# train.py as a user starts it, up to the result of its first jitted call, then an exit: the start-up
+# a user waits through before training runs.
+FIRST_STEP = """
+import sys, jax, train
+jit_steps = train.jit_steps
+def first_call_then_exit():
+    run_train_steps, run_eval_step = jit_steps()
+    def run(*args):
+        jax.block_until_ready(run_train_steps(*args))
+        print("first step done", flush=True)
+        raise SystemExit(0)
+    return run, run_eval_step
+train.jit_steps = first_call_then_exit
+train.main(sys.argv[1:])
+"""
+
+
+def time_process(args, until=None, env=None):
     """(wall seconds, peak RSS in MB) of a script run as a whole process; stops timing at `until`."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", MEASURE, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE)
+                               stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, **(env or {})})
     seconds = None
     for line in process.stdout:
         if until and line.startswith(until) and seconds is None:
@@ -304,11 +321,16 @@ def main():
                                                 "--workdir", workdir])
         infer_seconds, _ = time_process(["infer.py", "--ckpt", os.path.join(workdir, outputs.CHECKPOINT),
                                          "--data-dir", data_dir], until="test epoch")
+        cache = {"XDG_CACHE_HOME": os.path.join(tmp, "cache")}  # empty, then filled by the first start
+        first_step = [time_process(["-c", FIRST_STEP, "--data-dir", data_dir, "--workdir", workdir],
+                                   until="first step done", env=cache)[0] for _ in ("cold", "warm")]
         figures.update(train_1_epoch_seconds=train_seconds, train_peak_mb=train_mb,
-                       infer_to_accuracy_seconds=infer_seconds)
+                       infer_to_accuracy_seconds=infer_seconds, first_step_seconds=first_step)
         rows += [("python train.py --epochs 1: wall time", f"{train_seconds:.1f} s"),
                  ("python train.py --epochs 1: peak memory", f"{train_mb:.0f} MB"),
-                 ("python infer.py --ckpt: start to accuracy", f"{infer_seconds:.1f} s")]
+                 ("python infer.py --ckpt: start to accuracy", f"{infer_seconds:.1f} s"),
+                 ("python train.py: start to its first step, empty / warm compilation cache",
+                  f"{first_step[0]:.1f} / {first_step[1]:.1f} s")]
     print(f"{figures['device']} ({figures['cpu_count']} CPUs, {figures['machine']}), "
           f"{figures['data']} data, medians of {args.rounds} rounds"
           + (f", {figures['malloc_settings']}" if figures["malloc_settings"] else ""))

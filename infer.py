@@ -21,8 +21,9 @@ DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Pictures are read at most this large: a digit needs few pixels, and a phone photo read whole
 # takes several times the time and memory (PERFORMANCE.md, section 7).
 MAX_SIDE = 512
-# What Pillow raises on damaged or unsupported files: its own errors, and what its parsers hit on
-# bytes they did not expect (fuzzing found each; test_fuzz.py).
+# What Pillow raises on damaged or unsupported files, from its source: OSError and SyntaxError, its
+# own; ValueError ("Truncated IHDR chunk": test_fuzz.py found three kinds); EOFError and struct.error,
+# where a parser (GIF and PNG frames; ICNS, DDS, BLP) reads past the end of its data.
 PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from flax import serialization, traverse_util
 
+import input_pipeline
 from model import Config
 
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
@@ -88,7 +89,7 @@ def well_formed(checkpoint):
     config, epoch, history = checkpoint["config"], checkpoint["epoch"], checkpoint["history"]
     return (all(isinstance(getattr(config, f.name), f.type) or f.type is float and isinstance(
                 getattr(config, f.name), int) for f in dataclasses.fields(config))
-            and isinstance(epoch, int) and isinstance(history, list) and len(history) == epoch
+            and config.dataset in input_pipeline.DATASETS and isinstance(epoch, int) and isinstance(history, list) and len(history) == epoch
             and all(isinstance(h, dict) and all(isinstance(h.get(key), numbers.Real) for key in HISTORY_KEYS)
                     for h in history))
 
