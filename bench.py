@@ -273,6 +273,9 @@ def main():
         data = input_pipeline.load_dataset("mnist", data_dir)
         images, labels = data["train"]
         mesh = train.make_mesh()
+        # As train.py: a state first, then the steps jitted. Probing XLA's options before any other
+        # compilation left the 5-step call about 5% slower on JAX 0.12 (PERFORMANCE.md, section 7).
+        jax.block_until_ready(train.create_train_state(0, 0.01, 0.9))
         run_train_steps, run_eval_step = train.jit_steps()
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
