@@ -15,7 +15,7 @@ import pytest
 import infer
 import input_pipeline
 import outputs
-from conftest import synthetic_split, write_idx
+from conftest import synthetic_split
 from model import Config, create_train_state
 
 SEED = int(os.environ.get("FUZZ_SEED", 0))
