@@ -174,14 +174,17 @@ def test_a_write_that_fails_for_another_cause_than_space_says_what_to_do(unwrita
                                          "--epochs", "2", "--data-dir", data_dir, "--workdir", str(workdir)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
                  for case, (workdir, _) in unwritable_after_epoch_1.items()}
-    for case, (workdir, make_unwritable) in unwritable_after_epoch_1.items():
-        deadline = time.monotonic() + 120
-        while make_unwritable and not (workdir / "metrics.png").exists():  # epoch 1 saved: its last file
-            assert processes[case].poll() is None and time.monotonic() < deadline, processes[case].stderr.read()
-            time.sleep(0.005)
-        if make_unwritable:
-            make_unwritable()
-    runs = dict(zip(processes, finish(list(processes.values()), timeout=120)))
+    try:
+        for case, (workdir, make_unwritable) in unwritable_after_epoch_1.items():
+            deadline = time.monotonic() + 120
+            while make_unwritable and not (workdir / "metrics.png").exists():  # epoch 1 saved: its last file
+                if processes[case].poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"{case}: train.py ended or stalled before it saved epoch 1")
+                time.sleep(0.005)
+            if make_unwritable:
+                make_unwritable()
+    finally:
+        runs = dict(zip(processes, finish(list(processes.values()), timeout=120)))
     remedies = {"read-only": ("checkpoint.msgpack", "Read-only file system", "make {workdir} writable"),
                 "no permission": ("checkpoint.msgpack", "Permission denied", "make {workdir} writable"),
                 "folder in place": ("metrics.png", "Is a directory", "move what is at {workdir}/metrics.png out of the way")}
