@@ -41,12 +41,13 @@ def parse_idx(path, magic):
             shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims) - 3, 4))
             if len(shape) != magic & 0xFF or 0 in shape:
                 raise DataError(f"{path} has a damaged header: it gives the shape {shape}")
-            data = read_at_most(f, math.prod(shape))
+            size = math.prod(shape)
+            data = read_at_most(f, size)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if len(data) != math.prod(shape):
+    if len(data) != size:
         raise DataError(f"{path} is damaged or cut short: its header gives the shape {shape}, and the data "
-                        f"that follows is {'shorter' if len(data) < math.prod(shape) else 'longer'}")
+                        f"that follows is {'shorter' if len(data) < size else 'longer'}")
     return np.frombuffer(data, np.uint8).reshape(shape)  # the bytearray's memory, not a copy
 
 

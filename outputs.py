@@ -89,7 +89,8 @@ def well_formed(checkpoint):
     config, epoch, history = checkpoint["config"], checkpoint["epoch"], checkpoint["history"]
     return (all(isinstance(getattr(config, f.name), f.type) or f.type is float and isinstance(
                 getattr(config, f.name), int) for f in dataclasses.fields(config))
-            and config.dataset in input_pipeline.DATASETS and isinstance(epoch, int) and isinstance(history, list) and len(history) == epoch
+            and config.dataset in input_pipeline.DATASETS
+            and isinstance(epoch, int) and isinstance(history, list) and len(history) == epoch
             and all(isinstance(h, dict) and all(isinstance(h.get(key), numbers.Real) for key in HISTORY_KEYS)
                     for h in history))
 
