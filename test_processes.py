@@ -56,8 +56,11 @@ def test_several_devices_give_the_metrics_of_one(trained, two_devices):
     """Batches split over two devices; four, over two processes, in test_two_processes_print_the_log_of_one."""
     one_device = json.loads((trained[0] / "history.json").read_text())[0]  # epoch 1 of the same run
     history = json.loads((two_devices[0] / "history.json").read_text())[0]
-    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
-        assert history[key] == pytest.approx(one_device[key], rel=1e-4), key
+    # Float32 sums split over two devices round otherwise: the epoch's train loss agrees to 3e-7,
+    # but 20 steps later the test loss, of steep descent, moves by up to 1.2e-4 (JAX 0.12.1 on one
+    # device against two; 4e-5 on 0.10.2). A gradient that was not averaged moves it by far more.
+    for key, rel in (("train_loss", 1e-5), ("train_accuracy", 1e-5), ("test_loss", 1e-3), ("test_accuracy", 1e-3)):
+        assert history[key] == pytest.approx(one_device[key], rel=rel), key
 
 
 def test_batch_size_not_divisible_by_devices(data_dir, tmp_path):
@@ -306,12 +309,18 @@ def assert_same_log(lines, expected):
 def two_processes(data_dir, tmp_path_factory):
     """The workdirs and CompletedProcesses of a 3-epoch run of two processes with two simulated
     CPU devices each: batches split over the devices of every process."""
-    workdirs = [tmp_path_factory.mktemp("two_processes") / f"process{i}" for i in range(2)]
-    return workdirs, run_processes(workdirs, "--epochs", 3, "--data-dir", data_dir, env=cpu_devices(2))
+    folder = tmp_path_factory.mktemp("two_processes")
+    workdirs, cache = [folder / "process0", folder / "process1"], folder / "cache"
+    runs = run_processes(workdirs, "--epochs", 3, "--data-dir", data_dir,
+                         env={**cpu_devices(2), "JAX_COMPILATION_CACHE_DIR": str(cache)})
+    return workdirs, runs, cache
 
 
 def test_two_processes_print_the_log_of_one(trained, two_processes):
-    workdirs, (process0, process1) = two_processes
+    """Also: no compilation cache in a run of several processes, even one the user names (JAX
+    0.12.1 hangs where one process loads a program from it and another compiles it anew)."""
+    workdirs, (process0, process1), cache = two_processes
+    assert not cache.exists() or os.listdir(cache) == []
     assert_same_log(epoch_lines(process0.stdout)[:4], epoch_lines(trained[1]))
     assert [line[:2] for line in epoch_lines(process0.stdout)][4:] == [("train", 3), ("test", 3)]
     assert "epoch" not in process1.stdout
@@ -379,15 +388,16 @@ def test_two_processes_refuse_a_batch_size_not_divisible_by_both(data_dir, tmp_p
         assert_clean_error(run, r"--batch-size 33 is not divisible by the 2 devices; pick a multiple of 2")
 
 
-def running_processes(marker):
-    """Pids of the processes whose command line holds `marker`."""
+def session_processes(session):
+    """Pids of the live processes in a session (as `start_new_session` made it)."""
     pids = []
-    for cmdline in pathlib.Path("/proc").glob("[0-9]*/cmdline"):
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         try:
-            if marker.encode() in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
         except OSError:  # ended while we looked
-            pass
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
     return pids
 
 
@@ -407,12 +417,18 @@ def test_open_mpi_launch_prints_the_log_of_two_devices(data_dir, two_devices, tm
     try:
         out, err = launch.communicate(timeout=180)
     finally:
-        if launch.poll() is None:  # mpirun and its ranks
-            os.killpg(launch.pid, signal.SIGKILL)
+        if launch.poll() is None:
+            launch.kill()
             launch.wait()
+        ranks_left = session_processes(launch.pid)  # each rank is a process group of its own
+        for pid in ranks_left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert launch.returncode == 0, err
     assert epoch_lines(out) == epoch_lines(two_devices[1].stdout) and len(epoch_lines(out)) == 2
     assert len(re.findall(r"^epoch \d time", out, re.M)) == 1  # rank 0's lines only
     assert sorted(os.listdir(tmp_path / "rank0")) == ["checkpoint.msgpack", "history.json", "metrics.png"]
     assert not (tmp_path / "rank1").exists()
-    assert running_processes(str(tmp_path)) == []  # every rank ended with mpirun
+    assert ranks_left == []  # every rank ended with mpirun

@@ -231,7 +231,7 @@ def parse_args(argv=None):
 def main(argv=None):
     """Runs train() and turns every error a user can cause into one line on stderr."""
     config, args = parse_args(argv)
-    xla.use_compilation_cache()
+    xla.use_compilation_cache(several_processes=args.distributed)
     interrupted = threading.Event()
 
     def interrupt(signum, frame):

@@ -37,10 +37,18 @@ def compiler_options():
     return options
 
 
-def use_compilation_cache():
+def use_compilation_cache(several_processes=False):
     """JAX's persistent compilation cache in this user's cache folder, so that a second start
     compiles nothing (PERFORMANCE.md, section 5); none where JAX_COMPILATION_CACHE_DIR is set
-    (empty: no cache). JAX runs what it finds there, so a folder others can write is not used."""
+    (empty: no cache). JAX runs what it finds there, so a folder others can write is not used.
+    In a run of several processes no cache at all, not even JAX_COMPILATION_CACHE_DIR's."""
+    if several_processes:
+        # It cannot help there: each process keys its CPU programs by its own topology and only
+        # process 0 writes, so the others compile anyway. And on JAX 0.12.1 a process running a
+        # program from the cache and one running it freshly compiled wait for each other in
+        # their first all-reduce forever (PERFORMANCE.md, section 6).
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
     if "JAX_COMPILATION_CACHE_DIR" in os.environ or jax.config.jax_compilation_cache_dir:
         return
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mnist-jax-flax")
