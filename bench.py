@@ -21,16 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import input_pipeline
 import outputs
 import train
 import xla
+from model import CNN, MNIST_IMAGE, Config, create_train_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The environment settings of glibc's malloc that README.md suggests; the table names those set.
 MALLOC_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX")
+
+
+def new_state():
+    """A fresh train state of train.py's model with the quick start's settings."""
+    return create_train_state(CNN(), Config(), MNIST_IMAGE)
 
 
 @jax.jit
@@ -53,24 +59,24 @@ def quickstart_compute_metrics(state, metrics, images, labels):
             "accuracy_count": metrics["accuracy_count"] + labels.size}
 
 
-def time_ours(run_train_steps, images, labels, batch_size, steps, mesh):
-    """Seconds per step of run_train_steps (train.jit_steps' first, what train.py's loop calls), over
-    `steps` batches, after a warm-up call."""
-    state = jax.device_put(train.create_train_state(0, 0.01, 0.9), NamedSharding(mesh, P()))
-    sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
-    steps_per_call, unroll = train.steps_per_call()
+def time_ours(jitted, images, labels, batch_size, steps, mesh):
+    """Seconds per step as train.py's loop runs its steps (`jitted`: train.jit_steps(), fed by
+    data_parallel and stacks), over `steps` batches, after a warm-up call."""
+    state = jax.device_put(new_state(), NamedSharding(mesh, P()))
+    steps_per_call, unroll = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
+    run_train_step, _ = train.data_parallel(mesh, *jitted, unroll)
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
-        input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call),
+        train.stacks(train.train_batches(images, labels, batch_size, 0, 1), steps_per_call),
         -(-steps // steps_per_call) + 1))
     warm = [stacks[0]] + [s for s in stacks[1:] if len(s["label"]) != len(stacks[0]["label"])][:1]
     for stack in warm:  # compile every stack size first
-        state, sums = run_train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
+        state, sums = run_train_step(state, stack)
     jax.block_until_ready(sums)
     start, done = time.perf_counter(), 0
     for stack in stacks:
         if done >= steps:
             break
-        state, sums = run_train_steps(state, sums, train.shard(mesh, stack, batch_axis=1), unroll)
+        state, sums = run_train_step(state, stack)
         done += len(stack["label"])
     jax.block_until_ready(sums)
     return (time.perf_counter() - start) / done
@@ -78,10 +84,10 @@ def time_ours(run_train_steps, images, labels, batch_size, steps, mesh):
 
 def time_quickstart(images, labels, batch_size, steps):
     """Seconds per step the quick start's way: float32 batches from the host, two jitted calls."""
-    state = train.create_train_state(0, 0.01, 0.9)
+    state = new_state()
     metrics = {k: jnp.zeros(()) for k in ("loss_total", "loss_count", "accuracy_total", "accuracy_count")}
-    stacks = itertools.islice(input_pipeline.train_batches(images, labels, batch_size, 0, 1, 1), steps + 1)
-    batches = [(stack["image"][0].astype(np.float32) / 255, stack["label"][0]) for stack in stacks]
+    batches = itertools.islice(train.train_batches(images, labels, batch_size, 0, 1), steps + 1)
+    batches = [(batch["image"].astype(np.float32) / 255, batch["label"]) for batch in batches]
     state = quickstart_train_step(state, *batches[0])
     metrics = quickstart_compute_metrics(state, metrics, *batches[0])
     jax.block_until_ready(metrics)
@@ -109,13 +115,11 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
     return best
 
 
-def train_step_flops(run_train_steps, batch_size):
-    """FLOPs per image of one train step, from XLA's cost analysis of run_train_steps (train.jit_steps'
-    first) compiled for a call of one step, which adds no loop."""
-    state = train.create_train_state(0, 0.01, 0.9)
-    sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
+def train_step_flops(jitted_train, batch_size):
+    """FLOPs per image of one train step, from XLA's cost analysis of train.py's jitted train_steps
+    compiled for a call of one step, which adds no loop."""
     stack = {"image": jnp.zeros((1, batch_size, 28, 28, 1), jnp.uint8), "label": jnp.zeros((1, batch_size), jnp.int32)}
-    cost = run_train_steps.lower(state, sums, stack).compile().cost_analysis()
+    cost = jitted_train.lower(new_state(), stack, True).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
 
 
@@ -161,7 +165,7 @@ def layer_parts(params, batch_size):
     labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
     loss = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     parts.append(("loss forward and backward", jax.grad(loss), (features(10), labels)))
-    state = train.create_train_state(0, 0.01, 0.9)
+    state = new_state()
     parts.append(("SGD momentum update", lambda state, grads: state.apply_gradients(grads=grads), (state, params)))
     return parts
 
@@ -185,20 +189,20 @@ def step_breakdown(images, labels, mesh, batch_size=32):
     """Rows (part, milliseconds, MFLOP, GFLOP/s) of one train step at batch_size, parts timed
     alone, then the host side of a call of steps: gathering a stack of batches and sending it;
     and the milliseconds of one empty jitted call, which each part's time includes."""
-    params = train.create_train_state(0, 0.01, 0.9).params
+    params = new_state().params
     rows = []
     for name, fn, args in layer_parts(params, batch_size):
         seconds, cost = time_call(fn, args)
         flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
         rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
-    steps_per_call, _ = train.steps_per_call()
+    steps_per_call, _ = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
     steps = len(images) // batch_size
-    gather = time_it(lambda: sum(1 for _ in input_pipeline.train_batches(  # a whole epoch's shuffle and gathers
-        images, labels, batch_size, 0, 1, steps_per_call))) / steps
-    stack = next(input_pipeline.train_batches(images, labels, batch_size, 0, 1, steps_per_call))
+    gather = time_it(lambda: sum(1 for _ in train.stacks(  # a whole epoch's shuffle, gathers and stacks
+        train.train_batches(images, labels, batch_size, 0, 1), steps_per_call))) / steps
+    stack = next(train.stacks(train.train_batches(images, labels, batch_size, 0, 1), steps_per_call))
     send = statistics.median(time_it(lambda: jax.block_until_ready(
         train.shard(mesh, stack, batch_axis=1))) for _ in range(20)) / steps_per_call
-    rows += [("host: shuffle and gather the batches", 1e3 * gather, 0, 0),
+    rows += [("host: shuffle, gather and stack the batches", 1e3 * gather, 0, 0),
              (f"host: send them to the device, {steps_per_call} steps per call", 1e3 * send, 0, 0)]
     return rows, 1e3 * time_call(lambda x: x, (jnp.zeros(()),))[0]
 
@@ -215,12 +219,12 @@ FIRST_STEP = """
 import sys, jax, train
 jit_steps = train.jit_steps
 def first_call_then_exit():
-    run_train_steps, run_eval_step = jit_steps()
+    jitted_train, jitted_eval = jit_steps()
     def run(*args):
-        jax.block_until_ready(run_train_steps(*args))
+        jax.block_until_ready(jitted_train(*args))
         print("first step done", flush=True)
         raise SystemExit(0)
-    return run, run_eval_step
+    return run, jitted_eval
 train.jit_steps = first_call_then_exit
 train.main(sys.argv[1:])
 """
@@ -272,11 +276,11 @@ def main():
         data_dir = args.data_dir or write_random_dataset(tmp)
         data = input_pipeline.load_dataset("mnist", data_dir)
         images, labels = data["train"]
-        mesh = train.make_mesh()
+        mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(AxisType.Auto,))
         # As train.py: a state first, then the steps jitted. Probing XLA's options before any other
         # compilation left the 5-step call about 5% slower on JAX 0.12 (PERFORMANCE.md, section 7).
-        jax.block_until_ready(train.create_train_state(0, 0.01, 0.9))
-        run_train_steps, run_eval_step = train.jit_steps()
+        jax.block_until_ready(new_state())
+        jitted = train.jit_steps()
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
                              "data": "MNIST" if args.data_dir else "random",
@@ -285,7 +289,7 @@ def main():
         seconds = {batch_size: ([], []) for batch_size in (32, 128)}  # ours, the quick start's
         for _ in range(args.rounds):  # both batch sizes in every round: drift hits them alike
             for batch_size in seconds:
-                seconds[batch_size][0].append(time_ours(run_train_steps, images, labels, batch_size, args.steps, mesh))
+                seconds[batch_size][0].append(time_ours(jitted, images, labels, batch_size, args.steps, mesh))
                 seconds[batch_size][1].append(time_quickstart(images, labels, batch_size, args.steps))
         for batch_size in seconds:
             ours, theirs = (statistics.median(s) for s in seconds[batch_size])
@@ -298,11 +302,12 @@ def main():
                      (f"train, batch {batch_size}, ours: one epoch of {len(images)} images",
                       f"{len(images) // batch_size * ours:.2f} s")]
         test_images, test_labels = data["test"]
-        state = train.create_train_state(0, 0.01, 0.9)
-        train.evaluate(run_eval_step, state, mesh, test_images, test_labels)
-        eval_seconds = min(time_it(lambda: train.evaluate(run_eval_step, state, mesh, test_images, test_labels))
+        state = jax.device_put(new_state(), NamedSharding(mesh, P()))
+        _, run_eval_step = train.data_parallel(mesh, *jitted, True)
+        train.evaluate(run_eval_step, state, test_images, test_labels)
+        eval_seconds = min(time_it(lambda: train.evaluate(run_eval_step, state, test_images, test_labels))
                            for _ in range(3))
-        flops = train_step_flops(run_train_steps, 32)
+        flops = train_step_flops(jitted[0], 32)
         achieved = flops * figures["batch32"]["ours_images_per_s"] / 1e9
         figures.update(eval_seconds=eval_seconds, train_flops_per_image=flops, achieved_gflops=achieved)
         rows += [(f"evaluate {len(test_images)} test images", f"{eval_seconds:.3f} s"),

@@ -19,7 +19,7 @@ import pytest
 import input_pipeline
 import outputs
 import train
-from model import CNN, create_train_state
+from model import CNN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST_DATA_DIR = os.environ.get("MNIST_DATA_DIR")
@@ -58,7 +58,7 @@ def write_dataset(folder, num_train=640, num_test=203, gz=True):
 
 def load_checkpoint(path):
     """(state, epoch, config, history) of a checkpoint of train.py's model."""
-    return outputs.load_checkpoint(str(path), create_train_state)
+    return outputs.load_checkpoint(str(path))
 
 
 def epoch_lines(stdout):

@@ -15,15 +15,17 @@ class StartError(Exception):
     """jax.distributed cannot start; the message says why and what to do."""
 
 
-def add_flags(parser, count):
-    """The command-line flags of a distributed run; `count` is the argparse type of a number > 0."""
-    parser.add_argument("--distributed", action="store_true", help="one of several processes (one per "
-                        "host): jax.distributed finds the others on Cloud TPU, SLURM, Open MPI, Kubernetes")
+def add_flags(parser):
+    """The command-line flags of a distributed run."""
+    parser.add_argument("--distributed", action="store_true", help="one of several processes "
+                        "(one per host): jax.distributed finds the others on Cloud TPU, SLURM, "
+                        "Open MPI, Kubernetes")
     parser.add_argument("--coordinator", metavar="HOST:PORT",
                         help="with --num-processes and --process-id: where process 0 listens")
-    parser.add_argument("--num-processes", type=count, help="how many processes train together")
-    parser.add_argument("--process-id", type=int, help="this process's number, 0 to --num-processes - 1")
-    parser.add_argument("--peer-timeout", type=count, default=60, help="seconds to wait for the "
+    parser.add_argument("--num-processes", type=int, help="how many processes train together")
+    parser.add_argument("--process-id", type=int, help="this process's number, 0 to "
+                        "--num-processes - 1")
+    parser.add_argument("--peer-timeout", type=int, default=60, help="seconds to wait for the "
                         "coordinator at start, and for a silent process before the others stop")
 
 
@@ -34,7 +36,8 @@ def check_flags(parser, args):
         if None in explicit:
             parser.error("--coordinator, --num-processes and --process-id go together")
         if not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process-id must be 0 to {args.num_processes - 1}, got {args.process_id}")
+            parser.error(f"--process-id must be 0 to {args.num_processes - 1}, "
+                         f"got {args.process_id}")
         args.distributed = True
 
 
@@ -49,13 +52,13 @@ def wait_for_coordinator(address, seconds):
             return
         except (OSError, ValueError) as e:
             if time.monotonic() > deadline:
-                raise StartError(f"cannot reach the coordinator at {address} within {seconds} s ({e}); "
-                                 f"start process 0 there, or fix --coordinator") from None
+                raise StartError(f"cannot reach the coordinator at {address} within {seconds} "
+                                 f"s ({e}); start process 0 there, or fix --coordinator") from None
             time.sleep(0.2)
 
 
 def start(args):
-    """jax.distributed.initialize with the flags' settings, or what it detects where they are unset."""
+    """jax.distributed.initialize with the flags' settings, or what it detects where unset."""
     if args.coordinator and args.process_id > 0:  # process 0 is the coordinator
         wait_for_coordinator(args.coordinator, args.peer_timeout)
     try:
@@ -76,8 +79,8 @@ def lost_peer(error):
 
 def lost_peer_message(error):
     """The line for a collective that failed because another process is gone."""
-    return (f"error: process {jax.process_index()} lost another process ({str(error).splitlines()[0]}); "
-            f"once all are up again, continue with --resume")
+    return (f"error: process {jax.process_index()} lost another process "
+            f"({str(error).splitlines()[0]}); once all are up again, continue with --resume")
 
 
 def leave(message, every_process):

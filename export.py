@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 import outputs
-from model import create_train_state, model_logits
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Opset 13 is the oldest with Softmax over one axis, as here, so older runtimes load the file too.
@@ -32,7 +31,7 @@ OLDEST_JAX, OLDEST_STABLEHLO = "0.10.2", "1.17.0"
 
 def classifier(state):
     """The exported function: uint8 images [N, 28, 28, 1] -> class probabilities [N, 10]."""
-    return lambda images: jax.nn.softmax(model_logits(state, state.params, images))
+    return lambda images: jax.nn.softmax(state.apply_fn({"params": state.params}, images))
 
 
 def images_spec():
@@ -101,7 +100,7 @@ def main(argv=None):
     """Writes each export whole or not at all; every error a user can cause is one line on stderr."""
     args = parse_args(argv)
     try:
-        state, epoch, _, _ = outputs.load_checkpoint(args.ckpt, create_train_state)
+        state, epoch, _, _ = outputs.load_checkpoint(args.ckpt)
         for path in args.out:
             start = time.perf_counter()
             outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))

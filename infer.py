@@ -15,7 +15,6 @@ import numpy as np
 import input_pipeline
 import outputs
 import xla
-from model import create_train_state, model_logits
 
 DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # Pictures are read at most this large: a digit needs few pixels, and a phone photo read whole
@@ -116,14 +115,14 @@ def mnist_like(path):
 @jax.jit
 def predict(state, images):
     """Class probabilities [N, 10] of uint8 images [N, 28, 28, 1]."""
-    return jax.nn.softmax(model_logits(state, state.params, images))
+    return jax.nn.softmax(state.apply_fn({"params": state.params}, images))
 
 
 @jax.jit
 def log_probabilities(state, images):
     """Log class probabilities [N, 10] of uint8 images [N, 28, 28, 1]: finite where a probability
     rounds to 0."""
-    return jax.nn.log_softmax(model_logits(state, state.params, images))
+    return jax.nn.log_softmax(state.apply_fn({"params": state.params}, images))
 
 
 def evaluate(state, images, labels, batch_size=1000):
@@ -163,7 +162,7 @@ def parse_args(argv=None):
 
 def run(args):
     """Classifies --image files, or evaluates the test split and draws the first 25."""
-    state, epoch, config, _ = outputs.load_checkpoint(args.ckpt, create_train_state)
+    state, epoch, config, _ = outputs.load_checkpoint(args.ckpt)
     if args.image:
         images = np.stack([mnist_like(path) for path in args.image])
         for path, probs in zip(args.image, np.asarray(predict(state, images))):

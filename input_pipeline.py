@@ -1,4 +1,4 @@
-"""MNIST and Fashion-MNIST as numpy arrays, and the batches train.py feeds its jitted steps.
+"""MNIST and Fashion-MNIST as numpy arrays: images uint8 [N, 28, 28, 1], labels int32 [N].
 
 The data comes from the four standard IDX files, read from a folder (`--data-dir`) or
 downloaded through TFDS's download manager (registered checksums, cache). TensorFlow is
@@ -36,7 +36,8 @@ def parse_idx(path, magic):
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             header = f.read(4)
             if len(header) < 4 or int.from_bytes(header, "big") != magic:
-                raise DataError(f"{path} is not an IDX file of this kind (magic number is not {magic:#010x})")
+                raise DataError(f"{path} is not an IDX file of this kind (magic number is not "
+                                f"{magic:#010x})")
             dims = f.read(4 * (magic & 0xFF))
             shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims) - 3, 4))
             if len(shape) != magic & 0xFF or 0 in shape:
@@ -46,8 +47,9 @@ def parse_idx(path, magic):
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if len(data) != size:
-        raise DataError(f"{path} is damaged or cut short: its header gives the shape {shape}, and the data "
-                        f"that follows is {'shorter' if len(data) < size else 'longer'}")
+        longer_or_shorter = "shorter" if len(data) < size else "longer"
+        raise DataError(f"{path} is damaged or cut short: its header gives the shape {shape}, "
+                        f"and the data that follows is {longer_or_shorter}")
     return np.frombuffer(data, np.uint8).reshape(shape)  # the bytearray's memory, not a copy
 
 
@@ -75,12 +77,14 @@ def parse_split(images_path, labels_path):
     images = parse_idx(images_path, IMAGES_MAGIC)
     labels = parse_idx(labels_path, LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
-        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28")
+        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, "
+                        f"not 28x28")
     if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has "
+                        f"{len(labels)} labels")
     if (bad := np.flatnonzero(labels >= NUM_CLASSES)).size:
-        raise DataError(f"{labels_path} is damaged: label {labels[bad[0]]} at index {bad[0]}, where labels are "
-                        f"0 to {NUM_CLASSES - 1}")
+        raise DataError(f"{labels_path} is damaged: label {labels[bad[0]]} at index {bad[0]}, "
+                        f"where labels are 0 to {NUM_CLASSES - 1}")
     return images[..., None], labels.astype(np.int32)
 
 
@@ -91,7 +95,8 @@ def unreachable(url, seconds=10):
 
     def probe():
         try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=seconds).close()
+            request = urllib.request.Request(url, method="HEAD")
+            urllib.request.urlopen(request, timeout=seconds).close()
             answer.append(None)
         except urllib.error.HTTPError as e:  # an answer: only a server error is worth no download
             answer.append(f"{e.code} {e.reason}" if e.code >= 500 else None)
@@ -112,7 +117,8 @@ def download(dataset):
     builder = tfds.builder(dataset)
     download_dir = os.path.join(tfds.core.constants.get_default_data_dir(), "downloads")
     urls = {name: builder.URL + name + ".gz" for name in ALL_FILES}
-    offline = f"without network, pass --data-dir DIR with the four files {', '.join(urls)} (raw or .gz)"
+    offline = (f"without network, pass --data-dir DIR with the four files {', '.join(urls)} "
+               f"(raw or .gz)")
     cached = all(resource.is_locally_cached(pathlib.Path(download_dir) / resource.get_dl_fname(
         url, builder.url_infos[url].checksum)) for url in urls.values())
     if not cached and (reason := unreachable(urls[ALL_FILES[0]])):
@@ -132,31 +138,3 @@ def load_dataset(dataset, data_dir=None, splits=tuple(FILES)):
     paths = download(dataset) if data_dir is None else {
         name: find_file(data_dir, name) for name in ALL_FILES}
     return {split: parse_split(*(paths[name] for name in FILES[split])) for split in splits}
-
-
-def epoch_order(num_examples, seed, epoch):
-    """The training order of one epoch: a pure function of (seed, epoch), so resumed runs match."""
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def train_batches(images, labels, batch_size, seed, epoch, steps_per_call):
-    """Yields shuffled batches stacked by steps_per_call: {"image": uint8 [k, B, 28, 28, 1],
-    "label": int32 [k, B]}. The last incomplete batch is dropped; the last stack may hold fewer
-    than steps_per_call."""
-    num_batches = len(images) // batch_size
-    order = epoch_order(len(images), seed, epoch)[:num_batches * batch_size]
-    order = order.reshape(num_batches, batch_size)
-    for start in range(0, num_batches, steps_per_call):
-        index = order[start:start + steps_per_call]
-        yield {"image": images[index], "label": labels[index]}
-
-
-def eval_batches(images, labels, batch_size):
-    """Yields {"image", "label", "mask"} batches covering every example once; the last is padded,
-    with mask 0 on the padding."""
-    for start in range(0, len(images), batch_size):
-        batch_images, batch_labels = images[start:start + batch_size], labels[start:start + batch_size]
-        pad = batch_size - len(batch_images)
-        yield {"image": np.pad(batch_images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-               "label": np.pad(batch_labels, (0, pad)),
-               "mask": np.concatenate([np.ones(len(batch_images), np.float32), np.zeros(pad, np.float32)])}

@@ -1,21 +1,24 @@
-"""The CNN of the Flax quick start (Linen API), the settings of a run, its train state and its
-logits of uint8 images: what train.py, infer.py and export.py share. `python model.py` prints
-the model's summary."""
+"""The CNN of the Flax quick start (Linen API), the settings of a run and its train state: what
+train.py, infer.py and export.py share. `python model.py` prints the model's summary."""
 import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
 
 class CNN(nn.Module):
-    """conv32 -> relu -> avgpool -> conv64 -> relu -> avgpool -> dense256 -> relu -> dense10."""
+    """conv32 -> relu -> avgpool -> conv64 -> relu -> avgpool -> dense256 -> relu -> dense10, on
+    images [N, 28, 28, 1]: uint8 (0 to 255), as MNIST stores them and batches travel, or float."""
 
     @nn.compact
     def __call__(self, x):
+        if x.dtype == jnp.uint8:  # scaled here alone, so a float image is never scaled twice
+            x = x.astype(jnp.float32) / 255
         x = nn.Conv(features=32, kernel_size=(3, 3))(x)
         x = nn.relu(x)
         x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
@@ -31,10 +34,7 @@ class CNN(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The settings of a training run: train.py's flags, with the quick start's defaults. Its
-    checkpoint records them all; --resume goes on only with the same, but for epochs and data_dir."""
-    dataset: str = "mnist"
-    data_dir: str | None = None  # the four IDX files; None: download through TFDS
+    """The settings of a training run, with the quick start's defaults."""
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 0.01
@@ -42,18 +42,24 @@ class Config:
     seed: int = 0
 
 
-@functools.partial(jax.jit, static_argnames=("learning_rate", "momentum", "model"))  # one compilation, not one per op
-def create_train_state(seed, learning_rate, momentum, model=CNN()):
-    """A fresh TrainState: the model's parameters from jax.random.key(seed), SGD with momentum."""
-    params = model.init(jax.random.key(seed), jnp.ones([1, 28, 28, 1]))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(learning_rate, momentum))
+@functools.partial(jax.jit, static_argnames=("model", "config"))  # one compilation, not one per op
+def create_train_state(model, config, images):
+    """A fresh TrainState of `model` for batches like `images`: SGD, parameters from config.seed."""
+    params = model.init(jax.random.key(config.seed), images)["params"]
+    tx = optax.sgd(config.learning_rate, config.momentum)
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-def model_logits(state, params, images):
-    """The model's logits of uint8 images, scaled to [0, 1] here: batches travel as uint8."""
-    return state.apply_fn({"params": params}, images.astype(jnp.float32) / 255)
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Config):
+    """train.py's settings: Config's and the data's, all of them in its checkpoints."""
+    dataset: str = "mnist"
+    data_dir: str | None = None  # the four IDX files; None: download through TFDS
 
+
+# One MNIST image, as batches hold them: what the CNN's parameters are shaped for.
+MNIST_IMAGE = np.zeros((1, 28, 28, 1), np.uint8)
 
 if __name__ == "__main__":
-    print(CNN().tabulate(jax.random.key(0), jnp.ones((1, 28, 28, 1)),
-                         compute_flops=True, compute_vjp_flops=True))
+    print(CNN().tabulate(jax.random.key(0), MNIST_IMAGE, compute_flops=True,
+                         compute_vjp_flops=True))

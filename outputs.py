@@ -14,7 +14,7 @@ import numpy as np
 from flax import serialization, traverse_util
 
 import input_pipeline
-from model import Config
+from model import CNN, MNIST_IMAGE, RunConfig, create_train_state
 
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")  # the plot's
@@ -69,19 +69,21 @@ def save_checkpoint(path, state, epoch, config, history):
 
 
 def read_checkpoint(path):
-    """The checkpoint dict, its config a Config; CheckpointError naming the file when it is
+    """The checkpoint dict, its config a RunConfig; CheckpointError naming the file when it is
     missing, broken, or holds what train.py never writes."""
     try:
         with open(path, "rb") as f:
             checkpoint = serialization.msgpack_restore(f.read())
-        checkpoint["config"] = Config(**checkpoint["config"])
-        if set(checkpoint) != {"state", "epoch", "config", "history"} or not well_formed(checkpoint):
+        checkpoint["config"] = RunConfig(**checkpoint["config"])
+        if set(checkpoint) != {"state", "epoch", "config", "history"} or not well_formed(
+                checkpoint):
             raise ValueError
         return checkpoint
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
     except Exception:  # msgpack raises many unrelated types on foreign or truncated bytes
-        raise CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated") from None
+        raise CheckpointError(f"{path} is not a checkpoint of train.py, or it is truncated"
+                              ) from None
 
 
 def well_formed(checkpoint):
@@ -91,29 +93,35 @@ def well_formed(checkpoint):
                 getattr(config, f.name), int) for f in dataclasses.fields(config))
             and config.dataset in input_pipeline.DATASETS
             and isinstance(epoch, int) and isinstance(history, list) and len(history) == epoch
-            and all(isinstance(h, dict) and all(isinstance(h.get(key), numbers.Real) for key in HISTORY_KEYS)
-                    for h in history))
+            and all(isinstance(h, dict) and all(isinstance(h.get(key), numbers.Real)
+                                                for key in HISTORY_KEYS) for h in history))
 
 
-def load_checkpoint(path, create_train_state):
+def load_checkpoint(path, model=CNN()):
     """(state, epoch, config, history) of a checkpoint, checked against the shapes and dtypes of
-    the state that create_train_state(seed, learning_rate, momentum) makes."""
+    a fresh state of `model` with the checkpoint's settings."""
     checkpoint = read_checkpoint(path)
-    config = checkpoint["config"]
-    # The shapes alone: eval_shape traces create_train_state without compiling or running it.
-    target = jax.eval_shape(lambda: create_train_state(config.seed, config.learning_rate, config.momentum))
-    flat = functools.partial(traverse_util.flatten_dict, keep_empty_nodes=True)  # no sorting: keys of any type
+    # The shapes alone: eval_shape traces create_train_state without compiling or running it. The
+    # optimizer's settings are the checkpoint's; its seed only draws values that the file replaces.
+    settings = dataclasses.replace(checkpoint["config"], seed=0)
+    target = jax.eval_shape(lambda: create_train_state(model, settings, MNIST_IMAGE))
+    # No sorting: keys of any type.
+    flat = functools.partial(traverse_util.flatten_dict, keep_empty_nodes=True)
     saved, expected = checkpoint["state"], flat(serialization.to_state_dict(target))
     leaves = flat(saved) if isinstance(saved, dict) else {}
-    if leaves.keys() != expected.keys() or not all(same_layout(leaves[key], leaf) for key, leaf in expected.items()):
+    if leaves.keys() != expected.keys() or not all(
+            same_layout(leaves[key], leaf) for key, leaf in expected.items()):
         raise CheckpointError(f"{path} does not fit this model (other parameter shapes)")
-    if not all(np.isfinite(leaf).all() for leaf in leaves.values() if leaf is not traverse_util.empty_node):
+    if not all(np.isfinite(leaf).all() for leaf in leaves.values()
+               if leaf is not traverse_util.empty_node):
         raise CheckpointError(f"{path} holds parameters that are not finite numbers; it is damaged")
-    return serialization.from_state_dict(target, saved), checkpoint["epoch"], config, checkpoint["history"]
+    return (serialization.from_state_dict(target, saved), checkpoint["epoch"], checkpoint["config"],
+            checkpoint["history"])
 
 
 def same_layout(saved, expected):
-    """Whether a saved leaf has the shape and kind of number (or is the empty node) of the expected one."""
+    """Whether a saved leaf has the expected one's shape and kind of number, or is the empty
+    node as it is."""
     if expected is traverse_util.empty_node:
         return saved is traverse_util.empty_node
     return np.shape(saved) == expected.shape and np.asarray(saved).dtype.kind == expected.dtype.kind

@@ -2,7 +2,6 @@
 and .gz), checkpoints, and pictures in six formats. Each damaged file must load or end in its
 reader's own one-line error. Seeded: FUZZ_SEED=N picks other damage, FUZZ_CASES=N scales the count,
 and a failure names the file that reproduces it."""
-import functools
 import gzip
 import io
 import os
@@ -16,7 +15,7 @@ import infer
 import input_pipeline
 import outputs
 from conftest import synthetic_split
-from model import Config, create_train_state
+from model import MNIST_IMAGE, RunConfig, create_train_state
 
 SEED = int(os.environ.get("FUZZ_SEED", 0))
 SCALE = float(os.environ.get("FUZZ_CASES", 1))  # times the default count of each test
@@ -132,12 +131,13 @@ class Tiny(nn.Module):
 
 def test_damaged_checkpoints_load_or_raise_checkpoint_error(tmp_path):
     """What --resume, infer.py --ckpt and export.py --ckpt read: outputs.load_checkpoint."""
-    create = functools.partial(create_train_state, model=Tiny())
     history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.0, "test_loss": 0.4, "test_accuracy": 91.0,
                 "epoch_time": 1.0} for e in (1, 2)]
-    outputs.save_checkpoint(str(tmp_path / "good"), create(0, 0.01, 0.9), 2, Config(data_dir="/data"), history)
+    config = RunConfig(data_dir="/data")
+    outputs.save_checkpoint(str(tmp_path / "good"), create_train_state(Tiny(), config, MNIST_IMAGE), 2,
+                            config, history)
     fuzz(tmp_path, "checkpoint", {"checkpoint.msgpack": (tmp_path / "good").read_bytes()},
-         lambda path: outputs.load_checkpoint(path, create), outputs.CheckpointError, 1500)
+         lambda path: outputs.load_checkpoint(path, Tiny()), outputs.CheckpointError, 1500)
 
 
 # --- pictures ---

@@ -12,28 +12,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import input_pipeline
 import outputs
 import train
 import xla
-from model import Config
-from conftest import (HERE, assert_clean_error, epoch_lines, load_checkpoint, numpy_metrics, synthetic_split,
-                      train_here, write_dataset, write_idx)
-
-CONFIG = Config()
+from model import CNN, MNIST_IMAGE, Config, RunConfig, create_train_state
+from conftest import (HERE, assert_clean_error, epoch_lines, load_checkpoint, numpy_metrics,
+                      synthetic_split, train_here, write_dataset, write_idx)
 
 
-@pytest.fixture(scope="module")
-def steps():
-    """(run_train_steps, run_eval_step): train.jit_steps(), what train.py's loop calls."""
-    return train.jit_steps()
+def fresh_state(config=Config(), model=CNN()):
+    """A new train state of the model for MNIST's images."""
+    return create_train_state(model, config, MNIST_IMAGE)
 
 
-def on_mesh(state, mesh):
-    """state replicated over the mesh, as train() holds it."""
-    return jax.device_put(state, NamedSharding(mesh, P()))
+def machinery_steps(unroll=True):
+    """(run_train_step, run_eval_step) as train.py's machinery runs them on this process's
+    devices, with the state it takes: replicated over the mesh."""
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(AxisType.Auto,))
+    return (*train.data_parallel(mesh, *train.jit_steps(), unroll),
+            lambda state: jax.device_put(state, NamedSharding(mesh, P())))
 
 
 # --- input pipeline ---
@@ -60,25 +60,26 @@ def test_train_batches_shapes_order_and_dropped_remainder():
     labels = np.arange(103, dtype=np.int32)
 
     def order(seed, epoch):
-        return np.concatenate([s["label"].ravel() for s in input_pipeline.train_batches(images, labels, 10, seed,
-                                                                                         epoch, 4)])
-    stacks = list(input_pipeline.train_batches(images, labels, 10, 0, 1, 4))
-    assert [s["image"].shape for s in stacks] == [(4, 10, 1, 1, 1), (4, 10, 1, 1, 1), (2, 10, 1, 1, 1)]
-    assert all(s["image"].dtype == np.uint8 and s["label"].dtype == np.int32 for s in stacks)
+        return np.concatenate([b["label"] for b in train.train_batches(images, labels, 10, seed, epoch)])
+    batches = list(train.train_batches(images, labels, 10, 0, 1))
+    assert [b["image"].shape for b in batches] == [(10, 1, 1, 1)] * 10
+    assert all(b["image"].dtype == np.uint8 and b["label"].dtype == np.int32 for b in batches)
     seen = order(0, 1)
     assert len(seen) == 100 and len(set(seen)) == 100  # 3 dropped, none twice
-    np.testing.assert_array_equal(seen, np.concatenate([s["image"].ravel() for s in stacks]))  # images stay with labels
+    np.testing.assert_array_equal(seen, np.concatenate([b["image"].ravel() for b in batches]))
     np.testing.assert_array_equal(seen, order(0, 1))
     assert not np.array_equal(seen, order(0, 2)) and not np.array_equal(seen, order(1, 1))
 
 
-def test_eval_batches_cover_every_example_once():
-    images = np.arange(25, dtype=np.uint8).reshape(25, 1, 1, 1)
-    labels = np.arange(25, dtype=np.int32)
-    batches = list(input_pipeline.eval_batches(images, labels, 10))
-    assert all(b["image"].shape == (10, 1, 1, 1) for b in batches)
-    np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"] == 1] for b in batches]), labels)
-    assert batches[-1]["mask"].tolist() == [1] * 5 + [0] * 5
+def test_stacks_group_batches_for_one_call_each():
+    """The machinery's feed: [k, B, ...] stacks in the order of the batches, through a tqdm bar
+    (whose iter() starts over each time it is called)."""
+    from tqdm import tqdm
+
+    batches = [{"label": np.full(4, i)} for i in range(12)]
+    stacks = list(train.stacks(tqdm(batches, disable=True), 5))
+    assert [s["label"].shape for s in stacks] == [(5, 4), (5, 4), (2, 4)]
+    np.testing.assert_array_equal(np.concatenate([s["label"][:, 0] for s in stacks]), np.arange(12))
 
 
 def test_download_path_turns_tfds_files_into_arrays(data_dir, monkeypatch):
@@ -102,9 +103,17 @@ def test_download_path_turns_tfds_files_into_arrays(data_dir, monkeypatch):
 # --- the model, the steps, the metrics ---
 
 def test_model_output_shape_and_parameter_count():
-    state = train.create_train_state(0, 0.01, 0.9)
+    state = fresh_state()
     assert sum(p.size for p in jax.tree.leaves(state.params)) == 824_458
     assert state.apply_fn({"params": state.params}, jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
+
+
+def test_the_cnn_scales_uint8_images_and_takes_float_ones_as_they_are():
+    """Scaled once, in the model: a float image already in [0, 1] is not divided again."""
+    state = fresh_state()
+    images = synthetic_split(4, 0)[0][..., None]
+    logits = [state.apply_fn({"params": state.params}, x) for x in (images, images / 255)]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
 def test_model_summary_prints_parameter_count(capsys):
@@ -113,100 +122,103 @@ def test_model_summary_prints_parameter_count(capsys):
 
 
 def test_one_train_step_matches_numpy_and_lowers_the_loss(data_dir):
-    """Golden values: the metrics of one step, as the loop runs it, are those of its forward pass, in numpy."""
+    """Golden values: the metric sums of one step are those of its forward pass, in numpy."""
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
     batch = {"image": images[:32], "label": labels[:32]}
-    state = train.create_train_state(0, 0.01, 0.9)
-    loss_before, accuracy_before = numpy_metrics(state.params, batch["image"], batch["label"])
-    run_train_steps, _ = train.jit_steps()
-    sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
-    state, sums = run_train_steps(state, sums, jax.tree.map(lambda a: a[None], batch))
+    loss_before, accuracy_before = numpy_metrics(fresh_state().params, images[:32], labels[:32])
+    state, sums = jax.jit(train.train_step)(fresh_state(), batch)
     assert float(sums["loss"]) / 32 == pytest.approx(loss_before, rel=1e-5)
-    assert 100 * float(sums["correct"]) / 32 == pytest.approx(accuracy_before) and float(sums["count"]) == 32
-    assert numpy_metrics(state.params, batch["image"], batch["label"])[0] < loss_before
-    assert int(state.step) == 1
+    assert 100 * float(sums["correct"]) / 32 == pytest.approx(accuracy_before)
+    assert int(sums["count"]) == 32 and int(state.step) == 1
+    assert numpy_metrics(state.params, images[:32], labels[:32])[0] < loss_before
 
 
 def test_the_jitted_steps_lower_trace_and_eval_shape():
-    """jit_steps gives jax.jit objects of train_steps (a scan of train_step) and eval_step, compiled
-    with our XLA options."""
-    state = train.create_train_state(0, 0.01, 0.9)
+    """jit_steps gives jax.jit objects of train_steps (a scan of train_step) and eval_step,
+    compiled with our XLA options."""
     batch = {"image": jnp.zeros((32, 28, 28, 1), jnp.uint8), "label": jnp.zeros(32, jnp.int32)}
     stack = jax.tree.map(lambda a: jnp.stack([a] * 5), batch)
-    sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
-    run_train_steps, run_eval_step = train.jit_steps()
-    for jitted, args in ((run_train_steps, (state, sums, stack)), (run_eval_step, (state, {**batch, "mask": jnp.ones(32)}))):
+    jitted_train, jitted_eval = train.jit_steps()
+    for jitted, args in ((jitted_train, (fresh_state(), stack, True)), (jitted_eval, (fresh_state(), batch))):
         assert jitted.trace(*args).jaxpr is not None
-        metrics = jitted.eval_shape(*args)
-        metrics = metrics[1] if isinstance(metrics, tuple) else metrics  # train_steps: (state, sums)
-        assert jax.tree.map(lambda a: a.shape, metrics) == {"loss": (), "correct": (), "count": ()}
+        sums = jitted.eval_shape(*args)
+        sums = sums[1] if isinstance(sums, tuple) else sums  # train_steps: (state, sums)
+        assert jax.tree.map(lambda a: a.shape, sums) == {"loss": (), "correct": (), "count": ()}
         if jax.default_backend() == "cpu":  # YNNPACK's fusions: our XLA options apply
             assert "ynn" in jitted.lower(*args).compile().as_text().lower()
 
 
-def test_a_call_of_one_step_has_no_loop(data_dir):
+def test_a_call_of_one_step_has_no_loop():
     """An epoch's last call may hold one step (--batch-size 90: 133 calls of 5, one of 1). As a
     one-step lax.scan it was a while loop, in which XLA:CPU ran the step 20x slower."""
-    state = train.create_train_state(0, 0.01, 0.9)
-    sums = {name: jnp.float32(0) for name in ("loss", "correct", "count")}
     one = {"image": jnp.zeros((1, 32, 28, 28, 1), jnp.uint8), "label": jnp.zeros((1, 32), jnp.int32)}
     five = jax.tree.map(lambda a: jnp.concatenate([a] * 5), one)
-    run_train_steps, _ = train.jit_steps()
-    assert "while" not in run_train_steps.lower(state, sums, one).as_text()
-    assert "while" not in run_train_steps.lower(state, sums, five).as_text()  # unrolled
-    assert "while" in run_train_steps.lower(state, sums, five, unroll=False).as_text()
+    jitted_train, _ = train.jit_steps()
+    assert "while" not in jitted_train.lower(fresh_state(), one, True).as_text()
+    assert "while" not in jitted_train.lower(fresh_state(), five, True).as_text()  # unrolled
+    assert "while" in jitted_train.lower(fresh_state(), five, False).as_text()
 
 
-def test_evaluate_matches_numpy_with_uneven_last_batch(data_dir, steps):
+def test_evaluate_matches_numpy_with_uneven_last_batch(data_dir):
+    """The recipe's evaluate and the machinery's agree with numpy over 1015 images (last batch 15)."""
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
-    images, labels = np.concatenate([images] * 5), np.concatenate([labels] * 5)  # 1015: last batch 15
-    state = train.create_train_state(0, 0.01, 0.9)
-    tested = train.evaluate(steps[1], state, train.make_mesh(), images, labels)
-    expected_loss, expected_accuracy = numpy_metrics(state.params, images, labels)
-    assert tested["loss"] == pytest.approx(expected_loss, rel=1e-5)
-    assert tested["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
+    images, labels = np.concatenate([images] * 5), np.concatenate([labels] * 5)
+    expected_loss, expected_accuracy = numpy_metrics(fresh_state().params, images, labels)
+    _, run_eval_step, on_mesh = machinery_steps()
+    for step, state in ((jax.jit(train.eval_step), fresh_state()), (run_eval_step, on_mesh(fresh_state()))):
+        tested = train.evaluate(step, state, images, labels)
+        assert tested["loss"] == pytest.approx(expected_loss, rel=1e-5)
+        assert tested["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
 
 
-def test_train_epoch_metrics_match_numpy(data_dir, steps):
-    """With learning rate 0 the parameters stay put, so the epoch's sums have a numpy reference."""
+def test_train_epoch_metrics_match_numpy(data_dir):
+    """With learning rate 0 the parameters stay put, so the epoch's sums have a numpy reference:
+    the machinery's way, 9 batches of 32 in two calls, one of 4 steps."""
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
-    images, labels = images[:300], labels[:300]  # 9 batches of 32: two calls, one of 4 steps
-    mesh = train.make_mesh()
-    state = train.create_train_state(0, 0.0, 0.0)
-    params = jax.device_get(state.params)  # a copy: train_epoch donates the state's buffers
-    _, trained = train.train_epoch(steps[0], on_mesh(state, mesh), mesh, images, labels, CONFIG, 1,
-                                   train.STEPS_PER_CALL["cpu"])
-    seen = np.concatenate([b["label"].ravel() for b in input_pipeline.train_batches(
-        np.arange(300), np.arange(300), 32, 0, 1, 5)])
+    images, labels = images[:300], labels[:300]
+    params = fresh_state().params
+    run_train_step, _, on_mesh = machinery_steps()
+    batches = train.train_batches(images, labels, 32, 0, 1)
+    _, trained = train.train_epoch(run_train_step, on_mesh(fresh_state(Config(learning_rate=0.0))),
+                                   train.stacks(batches, 5))
+    seen = np.concatenate([b["label"] for b in train.train_batches(np.arange(300), np.arange(300), 32, 0, 1)])
     expected_loss, expected_accuracy = numpy_metrics(params, images[seen], labels[seen])
     assert trained["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert trained["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
 
 
-def test_long_rolled_calls_train_like_short_unrolled_ones(data_dir, steps):
-    """The accelerators' way (a rolled scan over many steps per call) forced on the CPU: the
-    same metrics and evaluation as XLA:CPU's 5 unrolled steps per call, and the same parameters
-    but for sums taken in another order."""
-    images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
-    mesh = train.make_mesh()
-    results = []
-    for calls in (train.STEPS_PER_CALL["cpu"], (10, False)):  # 20 steps: 4 calls of 5, or 2 of 10
-        state, trained = train.train_epoch(steps[0], on_mesh(train.create_train_state(0, 0.01, 0.9), mesh), mesh,
-                                           images, labels, CONFIG, 1, calls)
-        results.append((state, [trained["loss"], trained["accuracy"]]))
-    (state, metrics), (rolled_state, rolled_metrics) = results
-    assert rolled_metrics == pytest.approx(metrics, rel=1e-5)
-    test_images, test_labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
-    # Sums in another order move the parameters apart step by step: after these 20 steps, at most
-    # 4e-7 of a leaf's largest value on JAX 0.10.2 but 7e-3 on JAX 0.11.2.
-    assert train.evaluate(steps[1], rolled_state, mesh, test_images, test_labels) == pytest.approx(
-        train.evaluate(steps[1], state, mesh, test_images, test_labels), rel=1e-3)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(rolled_state.params)):
-        assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
+def test_the_machinery_trains_like_the_recipe(data_dir, capsys):
+    """Steps grouped 5 by 5 (CPU) and 10 by 10 in a rolled scan (accelerators), forced on the
+    CPU: the same log as the recipe's plain jax.jit, one step a call, but for float32 sums taken
+    in another order."""
+    data = input_pipeline.load_dataset("mnist", data_dir)
+    config = Config(epochs=1)
+    logs, states = [], []
+    for calls, unroll in ((1, None), (5, True), (10, False)):
+        steps = None
+        if unroll is not None:
+            run_train_step, run_eval_step, on_mesh = machinery_steps(unroll)
+            steps = (run_train_step, run_eval_step, lambda batches, k=calls: train.stacks(batches, k))
+        state = fresh_state() if steps is None else on_mesh(fresh_state())
+        state, history = train.train_and_evaluate(state, data["train"], data["test"], config, steps=steps)
+        logs.append(epoch_lines(capsys.readouterr().out))
+        states.append(state)
+    assert [line[:2] for line in logs[0]] == [("train", 1), ("test", 1)]
+    # Sums in another order move the parameters apart step by step. After these 20 steps the train
+    # loss agrees to 1e-5 and the test loss to 1e-3 (one step a call against 5: 0.45190 and 0.45191
+    # on JAX 0.10.2); parameters, to 1e-2 of a leaf's largest value (the rolled scan, JAX 0.11.2).
+    for log in logs[1:]:
+        assert [line[:2] for line in log] == [line[:2] for line in logs[0]]
+        for (_, _, loss, accuracy), (split, _, expected_loss, expected_accuracy) in zip(log, logs[0]):
+            assert loss == pytest.approx(expected_loss, rel=1e-5 if split == "train" else 1e-3, abs=1e-5)
+            assert accuracy == pytest.approx(expected_accuracy, abs=0.2)  # one image in 640 is 0.16
+    for state in states[1:]:
+        for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(state.params)):
+            assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
 
 
 class MLP(nn.Module):
-    """Another Linen module with the CNN's input and 10 outputs."""
+    """Another Linen module: a newcomer's own model."""
 
     @nn.compact
     def __call__(self, x):
@@ -214,16 +226,18 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-def test_another_linen_model_trains_without_an_edit_to_train_py(data_dir, steps):
-    images, labels = input_pipeline.load_dataset("mnist", data_dir)["train"]
-    mesh = train.make_mesh()
-    state = on_mesh(train.create_train_state(0, 0.01, 0.9, model=MLP()), mesh)
+def test_a_newcomers_model_and_arrays_train_with_the_recipe_alone(data_dir, capsys):
+    """What README's "Copy the recipe" promises: their model, their float arrays, one device,
+    train_and_evaluate with its defaults."""
+    data = input_pipeline.load_dataset("mnist", data_dir)
+    (x_train, y_train), (x_test, y_test) = [(x.astype(np.float32) / 255, y) for x, y in data.values()]
+    config = Config(epochs=3)
+    state = create_train_state(MLP(), config, x_train[:1])
     assert sum(p.size for p in jax.tree.leaves(state.params)) == 784 * 64 + 64 + 64 * 10 + 10
-    before = train.evaluate(steps[1], state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
-    for epoch in (1, 2, 3):
-        state, trained = train.train_epoch(steps[0], state, mesh, images, labels, CONFIG, epoch, train.steps_per_call())
-    after = train.evaluate(steps[1], state, mesh, *input_pipeline.load_dataset("mnist", data_dir)["test"])
-    assert after["loss"] < before["loss"] / 2 and after["accuracy"] >= 90
+    state, history = train.train_and_evaluate(state, (x_train, y_train), (x_test, y_test), config)
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    assert len(epoch_lines(capsys.readouterr().out)) == 6
+    assert history[-1]["test_loss"] < history[0]["test_loss"] / 2 and history[-1]["test_accuracy"] >= 90
 
 
 def test_short_run_learns_synthetic_digits(trained):
@@ -277,9 +291,9 @@ def test_the_workdir_holds_checkpoint_history_and_plot(trained):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    state = train.create_train_state(3, 0.05, 0.5)
+    config = RunConfig(batch_size=16, learning_rate=0.05, momentum=0.5, seed=3, data_dir="/data")
+    state = fresh_state()  # of other settings: the checkpoint records what it is given
     state = state.replace(opt_state=jax.tree.map(lambda a: a + 1, state.opt_state), step=7)
-    config = Config(batch_size=16, learning_rate=0.05, momentum=0.5, seed=3, data_dir="/data")
     history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25,
                 "epoch_time": 1.5} for e in (1, 2, 3, 4)]
     outputs.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
@@ -293,14 +307,14 @@ def test_checkpoint_round_trip(tmp_path):
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "c")
     history = [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25}]
-    outputs.save_checkpoint(path, train.create_train_state(0, 0.01, 0.9), 1, Config(), history)
+    outputs.save_checkpoint(path, fresh_state(), 1, RunConfig(), history)
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
     with pytest.raises(OSError) as raised:
-        outputs.save_checkpoint(path, train.create_train_state(1, 0.01, 0.9), 2, Config(), history * 2)
+        outputs.save_checkpoint(path, fresh_state(), 2, RunConfig(), history * 2)
     assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (28, "No space left on device", path)
     assert load_checkpoint(path)[1] == 1
     assert os.listdir(tmp_path) == ["c"]
@@ -320,7 +334,9 @@ def test_plot_ticks_whole_epochs():
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "0"], r"--epochs: must be greater than 0, got 0"),
     (["--epochs", "-1"], r"--epochs: must be greater than 0, got -1"),
-    (["--epochs", "abc"], r"--epochs: expected a positive number, got 'abc'"),
+    (["--epochs", "abc"], r"--epochs: invalid int value: 'abc'"),
+    (["--learning-rate", "nan"], r"--learning-rate: must be greater than 0, got nan"),
+    (["--peer-timeout", "0"], r"--peer-timeout: must be greater than 0, got 0"),
     (["--batch-size", "0"], r"--batch-size: must be greater than 0"),
     (["--learning-rate", "-0.1"], r"--learning-rate: must be greater than 0"),
     (["--dataset", "cifar10"], r"--dataset: invalid choice: 'cifar10'"),

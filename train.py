@@ -1,11 +1,16 @@
-"""Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`. `--help` lists the flags.
+"""Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`; `--help` lists flags.
 
-The train_step and eval_step, jitted in one place with several steps per call, the epoch loop and
-its log; then data parallelism over every device (batches split, parameters replicated, jit adds
-the gradient all-reduce), resume, and one line on stderr for every error a user can cause.
+The recipe comes first and copies alone: the steps, the epoch, the evaluation and the loop with the
+quick start's log, for any Linen model on numpy arrays. The machinery after it wraps the recipe
+from outside: speed and data parallelism where the steps are jitted, several hosts, checkpoints,
+resume, a progress bar and one line on stderr for every error a user can cause.
 """
 import argparse
+import collections
+import contextlib
 import dataclasses
+import io
+import itertools
 import math
 import os
 import signal
@@ -19,16 +24,93 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import distributed
 import input_pipeline
 import outputs
 import xla
-from model import Config, create_train_state, model_logits
+from model import CNN, RunConfig, create_train_state
 
-EVAL_BATCH_SIZE = 1000
+# --- The recipe: copy it, with Config and create_train_state from model.py ----------------------
+
+def train_step(state, batch):
+    """One SGD step on a batch; the new state and the batch's metric sums."""
+    def loss_fn(params):
+        logits = state.apply_fn({"params": params}, batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, logits
+    grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads), metric_sums(logits, batch["label"])
+
+
+def eval_step(state, batch):
+    """The metric sums of a batch."""
+    return metric_sums(state.apply_fn({"params": state.params}, batch["image"]), batch["label"])
+
+
+def metric_sums(logits, labels):
+    """A batch's loss and correct answers, summed, and its size: sums keep the metrics exact."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+    return {"loss": loss, "correct": (logits.argmax(-1) == labels).sum(), "count": len(labels)}
+
+
+def metrics(sums):
+    """Mean loss and accuracy (%) of metric sums."""
+    sums = {name: float(np.float64(value)) for name, value in jax.device_get(sums).items()}
+    return {"loss": sums["loss"] / sums["count"], "accuracy": 100 * sums["correct"] / sums["count"]}
+
+
+def train_batches(images, labels, batch_size, seed, epoch):
+    """An epoch's batches, shuffled in an order set by (seed, epoch); a last partial one dropped."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(images))
+    for index in order[:len(order) // batch_size * batch_size].reshape(-1, batch_size):
+        yield {"image": images[index], "label": labels[index]}
+
+
+def train_epoch(run_train_step, state, batches):
+    """run_train_step over the batches; the new state and the epoch's metrics."""
+    sums = {}
+    for batch in batches:  # JAX runs each call asynchronously: metrics() waits for the last
+        state, batch_sums = run_train_step(state, batch)
+        sums = {name: sums.get(name, 0) + value for name, value in batch_sums.items()}
+    return state, metrics(sums)
+
+
+def evaluate(run_eval_step, state, images, labels, batch_size=1000):
+    """The metrics of run_eval_step over every example, summed in float64."""
+    batches = ({"image": images[i:i + batch_size], "label": labels[i:i + batch_size]}
+               for i in range(0, len(images), batch_size))
+    sums = jax.device_get([run_eval_step(state, batch) for batch in batches])
+    return metrics({name: np.sum([s[name] for s in sums], dtype=np.float64) for name in sums[0]})
+
+
+def train_and_evaluate(state, train_data, test_data, config, first_epoch=1, steps=None,
+                       after_epoch=lambda state, metrics: None):
+    """Trains state on train_data, (images, labels), up to epoch config.epochs, printing the quick
+    start's log; returns the state and each epoch's metrics. steps: the steps, jitted, and how
+    batches reach them (default: plain jax.jit); after_epoch(state, metrics) runs after each."""
+    run_train_step, run_eval_step, feed = steps or (jax.jit(train_step), jax.jit(eval_step), iter)
+    history = []
+    for epoch in range(first_epoch, config.epochs + 1):
+        start = time.perf_counter()
+        batches = train_batches(*train_data, config.batch_size, config.seed, epoch)
+        state, trained = train_epoch(run_train_step, state, feed(batches))
+        seconds = time.perf_counter() - start
+        tested = evaluate(run_eval_step, state, *test_data)
+        for split, m in (("train", trained), ("test", tested)):
+            print(f"{split} epoch: {epoch}, loss: {m['loss']:.5f}, accuracy: {m['accuracy']:.2f}")
+        images = len(train_data[1]) // config.batch_size * config.batch_size
+        print(f"epoch {epoch} time: {seconds:.2f} s, {images / seconds:.0f} images/s", flush=True)
+        history.append({"epoch": epoch, **{f"train_{name}": x for name, x in trained.items()},
+                        **{f"test_{name}": x for name, x in tested.items()}, "epoch_time": seconds})
+        after_epoch(state, history[-1])
+    return state, history
+
+
+# --- The machinery: train.py's command line around the recipe -----------------------------------
+
 # Train steps per jitted call, and whether lax.scan unrolls them, by backend (PERFORMANCE.md,
 # section 7). XLA:CPU: 5, unrolled, since in a rolled loop it runs the gradient convolutions as
 # plain loops. Accelerators: a long rolled scan, so that the host's loop does not set the pace.
@@ -38,132 +120,117 @@ ACCELERATOR_STEPS_PER_CALL = (500, False)
 DIVERGED_LOSS = 10 * math.log(10)
 
 
-def train_step(state, batch):
-    """One SGD step on a batch of uint8 images; returns the new state and the batch's metric sums."""
-    def loss_fn(params):
-        logits = model_logits(state, params, batch["image"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), logits
-
-    grads, logits = jax.grad(loss_fn, has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), metric_sums(logits, batch["label"], jnp.ones(batch["label"].shape))
-
-
-def eval_step(state, batch):
-    """The metric sums of an evaluation batch, whose padding (mask 0) does not count."""
-    logits = model_logits(state, state.params, batch["image"])
-    return metric_sums(logits, batch["label"], batch["mask"])
-
-
-def metric_sums(logits, labels, mask):
-    """Loss sum, correct count and example count where mask is 1: sums keep an epoch's metrics exact."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = logits.argmax(-1) == labels
-    return {"loss": (losses * mask).sum(), "correct": (correct * mask).sum(), "count": mask.sum()}
-
-
-def train_steps(state, sums, batches, unroll=True):
-    """train_step over a stack of batches [k, B, ...], in one jitted call; adds their metric sums to sums."""
+def train_steps(state, batches, unroll):
+    """train_step over a stack of batches [k, B, ...]; the last state and the stack's sums."""
     if len(batches["label"]) == 1:
         # lax.scan makes a while loop even of one step, and XLA:CPU runs the gradient convolutions
         # inside a loop as plain loops (PERFORMANCE.md, section 7).
-        state, batch_sums = train_step(state, jax.tree.map(lambda a: a[0], batches))
-        return state, jax.tree.map(jnp.add, sums, batch_sums)
-    state, batch_sums = jax.lax.scan(train_step, state, batches, unroll=unroll)
-    return state, jax.tree.map(lambda total, stacked: total + stacked.sum(0), sums, batch_sums)
+        return train_step(state, jax.tree.map(lambda a: a[0], batches))
+    state, sums = jax.lax.scan(train_step, state, batches, unroll=unroll)
+    return state, jax.tree.map(lambda stacked: stacked.sum(0), sums)
 
 
 def jit_steps():
-    """(train_steps, eval_step) jitted, the one place they are, as the loop runs them: with our XLA
-    options less any the running XLA refuses, and train_steps donating the state it replaces."""
+    """train_steps and eval_step, jitted with our XLA options; train_steps donates the state."""
     options = xla.compiler_options()
-    return (jax.jit(train_steps, donate_argnames="state", static_argnames="unroll", compiler_options=options),
+    return (jax.jit(train_steps, donate_argnums=0, static_argnums=2, compiler_options=options),
             jax.jit(eval_step, compiler_options=options))
 
 
-def steps_per_call():
-    """(steps per jitted call, unrolled) for the backend JAX runs on."""
-    return STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
+def data_parallel(mesh, jitted_train, jitted_eval, unroll):
+    """jit_steps' steps for train_and_evaluate, each batch split over the mesh's devices."""
+    in_flight = collections.deque()
+
+    def run_train_step(state, stack):
+        state, sums = jitted_train(state, shard(mesh, stack, batch_axis=1), unroll)
+        # Two calls in flight, not a whole epoch: XLA:CPU with several devices on few cores
+        # deadlocks with a deep queue (JAX 0.10.2, two devices on two cores).
+        in_flight.append(sums)
+        if len(in_flight) > 2:
+            jax.block_until_ready(in_flight.popleft())
+        return state, sums
+
+    def run_eval_step(state, batch):
+        divisible = len(batch["label"]) % mesh.size == 0  # else each device takes it whole
+        return jitted_eval(state, shard(mesh, batch, batch_axis=0 if divisible else None))
+
+    return run_train_step, run_eval_step
 
 
-def train_epoch(run_train_steps, state, mesh, images, labels, config, epoch, calls):
-    """One pass over the training set, `calls` = (steps per call, unrolled); (state, epoch's metrics)."""
-    steps, unroll = calls
-    sums = jax.device_put({name: np.float32(0) for name in ("loss", "correct", "count")}, NamedSharding(mesh, P()))
-    start, in_flight = time.perf_counter(), []
-    with tqdm(total=len(images) // config.batch_size, unit="step", leave=False,
-              disable=not sys.stderr.isatty() or jax.process_index() > 0) as bar:
-        for batches in input_pipeline.train_batches(images, labels, config.batch_size, config.seed, epoch, steps):
-            state, sums = run_train_steps(state, sums, shard(mesh, batches, batch_axis=1), unroll)
-            # JAX runs calls asynchronously. Two in flight, not the whole epoch: XLA:CPU with several
-            # devices on few cores deadlocks with a deep queue, and a NaN loss stops the run at once.
-            in_flight.append(sums["loss"])
-            if len(in_flight) > 2 and not np.isfinite(float(in_flight.pop(0))):
-                break
-            bar.update(len(batches["label"]))
-    totals = {name: float(np.float64(value)) for name, value in jax.device_get(sums).items()}
-    loss = totals["loss"] / totals["count"]
-    if not loss < DIVERGED_LOSS:  # also catches nan
-        raise TrainingError(f"the loss became {loss:.4g} in epoch {epoch}; lower --learning-rate")
-    return state, {"loss": loss, "accuracy": 100 * totals["correct"] / totals["count"],
-                   "seconds": time.perf_counter() - start}
+def stacks(batches, size):
+    """The batches stacked by `size`, [size, B, ...]; the last stack may hold fewer."""
+    batches = iter(batches)  # one iterator for every islice: a tqdm bar restarts on each iter()
+    while group := list(itertools.islice(batches, size)):
+        yield {name: np.stack([batch[name] for batch in group]) for name in group[0]}
 
 
-def evaluate(run_eval_step, state, mesh, images, labels):
-    """{"loss", "accuracy"} over every example: the last batch is padded and its padding masked out."""
-    batch_size = -(-EVAL_BATCH_SIZE // jax.device_count()) * jax.device_count()
-    sums = jax.device_get([run_eval_step(state, shard(mesh, batch, batch_axis=0))
-                           for batch in input_pipeline.eval_batches(images, labels, batch_size)])
-    totals = {name: np.sum([s[name] for s in sums], dtype=np.float64) for name in sums[0]}
-    return {"loss": float(totals["loss"] / totals["count"]), "accuracy": float(100 * totals["correct"] / totals["count"])}
+def shard(mesh, arrays, batch_axis):
+    """Global arrays from the same batch on every process: split along batch_axis over the mesh,
+    each process giving its share; or, where batch_axis is None, whole on every device."""
+    if batch_axis is None:
+        sharding, mine = NamedSharding(mesh, P()), slice(None)
+    else:
+        sharding = NamedSharding(mesh, P(*[None] * batch_axis, "batch"))
+        size = next(iter(arrays.values())).shape[batch_axis] // jax.process_count()
+        start = size * jax.process_index()
+        mine = (slice(None),) * batch_axis + (slice(start, start + size),)
+    return {name: jax.make_array_from_process_local_data(sharding, a[mine])
+            for name, a in arrays.items()}
 
 
 def train(config, workdir, resume, interrupted):
-    """The epoch loop and its log, with the settings of `config`, writing to workdir; resume: go
-    on from its checkpoint. Stops with KeyboardInterrupt between epochs once `interrupted` is set."""
-    mesh = make_mesh()
+    """train_and_evaluate on every device of every process, process 0 alone printing and saving;
+    resume: from workdir's checkpoint. Stops after an epoch once `interrupted` is set."""
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(AxisType.Auto,))
     if config.batch_size % jax.device_count():
-        raise TrainingError(f"--batch-size {config.batch_size} is not divisible by the {jax.device_count()} "
-                            f"devices; pick a multiple of {jax.device_count()}", every_process=True)
-    is_main_process = jax.process_index() == 0  # it alone prints and writes
+        raise TrainingError(f"--batch-size {config.batch_size} is not divisible by the "
+                            f"{jax.device_count()} devices; pick a multiple of "
+                            f"{jax.device_count()}", every_process=True)
+    is_main_process = jax.process_index() == 0
     if is_main_process:
         outputs.make_workdir(workdir)
     data = input_pipeline.load_dataset(config.dataset, config.data_dir)
-    num_train = len(data["train"][1])
-    if config.batch_size > num_train:
-        raise TrainingError(f"--batch-size {config.batch_size} is larger than the {num_train} training images")
-    state, done, history = resume_or_start(config, workdir, resume, is_main_process)
+    if config.batch_size > len(data["train"][1]):
+        raise TrainingError(f"--batch-size {config.batch_size} is larger than the "
+                            f"{len(data['train'][1])} training images")
+    state, done, history = resume_or_start(config, workdir, resume, data["train"][0][:1])
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    run_train_steps, run_eval_step = jit_steps()
-    images_per_epoch = num_train // config.batch_size * config.batch_size
-    for epoch in range(done + 1, config.epochs + 1):
+    steps_per_call, unroll = STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
+
+    def feed(batches):
+        bar = tqdm(batches, total=len(data["train"][1]) // config.batch_size, unit="step",
+                   leave=False, disable=not (sys.stderr.isatty() and is_main_process))
+        return stacks(bar, steps_per_call)
+
+    def after_epoch(state, record):
+        if not record["train_loss"] < DIVERGED_LOSS:  # also catches nan
+            raise TrainingError(f"the loss became {record['train_loss']:.4g} in epoch "
+                                f"{record['epoch']}; lower --learning-rate")
+        history.append(record)
+        if is_main_process:
+            outputs.save(workdir, state, record["epoch"], config, history)
         if interrupted.is_set():
             raise KeyboardInterrupt
-        state, trained = train_epoch(run_train_steps, state, mesh, *data["train"], config, epoch, steps_per_call())
-        tested = evaluate(run_eval_step, state, mesh, *data["test"])
-        history.append({"epoch": epoch, "train_loss": trained["loss"], "train_accuracy": trained["accuracy"],
-                        "test_loss": tested["loss"], "test_accuracy": tested["accuracy"],
-                        "epoch_time": trained["seconds"]})
-        if is_main_process:
-            print(f"train epoch: {epoch}, loss: {trained['loss']:.5f}, accuracy: {trained['accuracy']:.2f}")
-            print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}")
-            print(f"epoch {epoch} time: {trained['seconds']:.2f} s, "
-                  f"{images_per_epoch / trained['seconds']:.0f} images/s", flush=True)
-            outputs.save(workdir, state, epoch, config, history)
-    return state
+
+    with contextlib.nullcontext() if is_main_process else contextlib.redirect_stdout(io.StringIO()):
+        steps = (*data_parallel(mesh, *jit_steps(), unroll), feed)
+        return train_and_evaluate(state, data["train"], data["test"], config, done + 1, steps,
+                                  after_epoch)[0]
 
 
-def resume_or_start(config, workdir, resume, is_main_process):
-    """(state, epochs done, history), fresh or resumed; process 0 alone reads the checkpoint and sends it."""
-    if not (resume and is_main_process):
-        state, done, history = create_train_state(config.seed, config.learning_rate, config.momentum), 0, []
+def resume_or_start(config, workdir, resume, images):
+    """(state, epochs done, history), fresh or from the checkpoint, which process 0 reads."""
+    if not (resume and jax.process_index() == 0):
+        state, done, history = create_train_state(CNN(), config, images), 0, []
     else:
         path = os.path.join(workdir, outputs.CHECKPOINT)
-        state, done, saved, history = outputs.load_checkpoint(path, create_train_state)
+        state, done, saved, history = outputs.load_checkpoint(path)
         changed = [f"--{name.replace('_', '-')} {value} (checkpoint: {getattr(saved, name)})"
                    for name, value in dataclasses.asdict(config).items()
                    if name not in ("epochs", "data_dir") and value != getattr(saved, name)]
         if changed:
-            raise TrainingError(f"cannot resume with other settings than the checkpoint's: {', '.join(changed)}")
+            raise TrainingError(f"cannot resume with other settings than the checkpoint's: "
+                                f"{', '.join(changed)}")
         if done >= config.epochs:
             print(f"{path} already holds epoch {done}; pass a larger --epochs to go on")
     if resume:
@@ -171,61 +238,38 @@ def resume_or_start(config, workdir, resume, is_main_process):
     return state, int(done), history
 
 
-def make_mesh():
-    """A 1-D mesh over every device of every process, named 'batch'."""
-    return jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def shard(mesh, arrays, batch_axis):
-    """Global arrays, split over the mesh along batch_axis, from this process's share of each array."""
-    sharding = NamedSharding(mesh, P(*[None] * batch_axis, "batch"))
-    share = next(iter(arrays.values())).shape[batch_axis] // jax.process_count()
-    mine = np.arange(share) + jax.process_index() * share
-    return {name: jax.make_array_from_process_local_data(sharding, np.take(array, mine, axis=batch_axis))
-            for name, array in arrays.items()}
-
-
 class TrainingError(Exception):
-    """Training cannot start or go on; the message says why and what to do. every_process: every
-    process of a distributed run finds it alike (flags that do not fit the devices)."""
+    """Training cannot start or go on; every_process: each process of a run finds it alike."""
 
     def __init__(self, message, every_process=False):
         super().__init__(message)
         self.every_process = every_process
 
 
-def positive(kind):
-    """An argparse type: `kind` (int or float) that must be > 0."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-    return parse
-
-
 def parse_args(argv=None):
-    """The command line: (the run's Config, all flags); the defaults are Config's, the Flax quick start's."""
+    """The command line: (the run's RunConfig, all flags); the defaults are RunConfig's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=positive(int), default=Config.epochs, help="train up to this epoch")
-    parser.add_argument("--batch-size", type=positive(int), default=Config.batch_size, help="global batch size")
-    parser.add_argument("--learning-rate", type=positive(float), default=Config.learning_rate, help="SGD learning rate")
-    parser.add_argument("--momentum", type=float, default=Config.momentum, help="SGD momentum")
-    parser.add_argument("--seed", type=int, default=Config.seed, help="seed of the initialization and shuffling")
-    parser.add_argument("--dataset", choices=input_pipeline.DATASETS, default=Config.dataset)
-    parser.add_argument("--data-dir", help="folder with the four IDX files (raw or .gz); default: download through TFDS")
-    parser.add_argument("--workdir", default="./workdir", help="where checkpoint, history and plot go")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir")
-    distributed.add_flags(parser, positive(int))
+    add = parser.add_argument
+    add("--epochs", type=int, default=RunConfig.epochs, help="train up to this epoch")
+    add("--batch-size", type=int, default=RunConfig.batch_size, help="global batch size")
+    add("--learning-rate", type=float, default=RunConfig.learning_rate, help="SGD's")
+    add("--momentum", type=float, default=RunConfig.momentum, help="SGD's momentum")
+    add("--seed", type=int, default=RunConfig.seed, help="of the initialization and the shuffling")
+    add("--dataset", choices=input_pipeline.DATASETS, default=RunConfig.dataset)
+    add("--data-dir", help="folder with the four IDX files (raw or .gz); default: download them")
+    add("--workdir", default="./workdir", help="where checkpoint, history and plot go")
+    add("--resume", action="store_true", help="continue the run in --workdir")
+    distributed.add_flags(parser)
     args = parser.parse_args(argv)
+    for flag in ("epochs", "batch_size", "learning_rate", "num_processes", "peer_timeout"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be greater than 0, got "
+                         f"{getattr(args, flag)}")
     distributed.check_flags(parser, args)
     if not 0 <= args.seed < 2 ** 63:  # what jax.random.key and numpy's generators take
         parser.error(f"argument --seed: must be 0 to {2 ** 63 - 1}, got {args.seed}")
-    return Config(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Config)}), args
+    return RunConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)}), args
 
 
 def main(argv=None):
@@ -235,7 +279,8 @@ def main(argv=None):
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
-        # The event too: JAX's garbage-collection callback swallows a KeyboardInterrupt raised in it.
+        # The event too: JAX's garbage-collection callback swallows a KeyboardInterrupt raised
+        # in it.
         interrupted.set()
         raise KeyboardInterrupt
 
@@ -247,11 +292,13 @@ def main(argv=None):
             distributed.start(args)
         train(config, args.workdir, args.resume, interrupted)
         return
-    except (TrainingError, outputs.CheckpointError, input_pipeline.DataError, distributed.StartError) as e:
+    except (TrainingError, outputs.CheckpointError, input_pipeline.DataError,
+            distributed.StartError) as e:
         message, every_process = f"error: {e}", getattr(e, "every_process", False)
-    except OSError as e:  # a write failed (full disk, read-only, ...): the files of the last epoch are intact
+    except OSError as e:  # a write failed (full disk, read-only, ...): the last epoch's files stay
         saved, go_on = outputs.last_checkpoint(args.workdir)
-        message = f"error: cannot write {e.filename}: {e.strerror}; {saved}; {outputs.what_to_do(e)}, then {go_on}"
+        message = (f"error: cannot write {e.filename}: {e.strerror}; {saved}; "
+                   f"{outputs.what_to_do(e)}, then {go_on}")
     except KeyboardInterrupt:
         message = "interrupted; {}; {}".format(*outputs.last_checkpoint(args.workdir))
     except Exception as e:
@@ -259,7 +306,8 @@ def main(argv=None):
             raise  # a bug: its traceback
         # Another process is gone, or a bug, whose traceback leave() prints: JAX's own exit would
         # wait for the other processes, then abort.
-        message = distributed.lost_peer_message(e) if distributed.lost_peer(e) else traceback.format_exc().rstrip()
+        message = (distributed.lost_peer_message(e) if distributed.lost_peer(e)
+                   else traceback.format_exc().rstrip())
     if args.distributed:
         distributed.leave(message, every_process)
     sys.exit(message)

@@ -32,8 +32,8 @@ def compiler_options():
             options[name] = value
         except jax.errors.JaxRuntimeError as e:
             if jax.process_index() == 0:
-                print(f"note: the XLA of JAX {jax.__version__} refuses {name} ({str(e).splitlines()[0]}); "
-                      f"going on with its default", file=sys.stderr)
+                print(f"note: the XLA of JAX {jax.__version__} refuses {name} "
+                      f"({str(e).splitlines()[0]}); going on with its default", file=sys.stderr)
     return options
 
 
@@ -43,22 +43,22 @@ def use_compilation_cache(several_processes=False):
     (empty: no cache). JAX runs what it finds there, so a folder others can write is not used.
     In a run of several processes no cache at all, not even JAX_COMPILATION_CACHE_DIR's."""
     if several_processes:
-        # It cannot help there: each process keys its CPU programs by its own topology and only
-        # process 0 writes, so the others compile anyway. And on JAX 0.12.1 a process running a
-        # program from the cache and one running it freshly compiled wait for each other in
-        # their first all-reduce forever (PERFORMANCE.md, section 6).
+        # No help there, and a hang on JAX 0.12.1 (PERFORMANCE.md, section 6).
         jax.config.update("jax_enable_compilation_cache", False)
         return
     if "JAX_COMPILATION_CACHE_DIR" in os.environ or jax.config.jax_compilation_cache_dir:
         return
-    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mnist-jax-flax")
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    folder = os.path.join(cache_home, "mnist-jax-flax")
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         info = os.stat(folder)
     except OSError:  # a read-only home, say: compile as without a cache
         return
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        print(f"note: not using the compilation cache {folder}: others can write to it", file=sys.stderr)
+        print(f"note: not using the compilation cache {folder}: others can write to it",
+              file=sys.stderr)
         return
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # the default, 1 s, skips most of ours
+    # Every compilation: the default, 1 s, skips most of ours.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
