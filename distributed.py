@@ -1,8 +1,5 @@
-"""Several processes as one training run: train.py's flags for jax.distributed, starting it,
-and leaving it with one line instead of JAX's own abort.
-
-One process per host, all started with the same flags. On one process none of this runs.
-"""
+"""Several processes, one per host, as one run: train.py's flags for jax.distributed, starting it,
+and leaving it with one line instead of JAX's own abort."""
 import os
 import socket
 import sys
@@ -17,14 +14,12 @@ class StartError(Exception):
 
 def add_flags(parser):
     """The command-line flags of a distributed run."""
-    parser.add_argument("--distributed", action="store_true", help="one of several processes "
-                        "(one per host): jax.distributed finds the others on Cloud TPU, SLURM, "
-                        "Open MPI, Kubernetes")
+    parser.add_argument("--distributed", action="store_true", help="one of several processes, one "
+                        "per host, that jax.distributed finds (Cloud TPU, SLURM, Open MPI, ...)")
     parser.add_argument("--coordinator", metavar="HOST:PORT",
                         help="with --num-processes and --process-id: where process 0 listens")
     parser.add_argument("--num-processes", type=int, help="how many processes train together")
-    parser.add_argument("--process-id", type=int, help="this process's number, 0 to "
-                        "--num-processes - 1")
+    parser.add_argument("--process-id", type=int, help="this process's number, from 0")
     parser.add_argument("--peer-timeout", type=int, default=60, help="seconds to wait for the "
                         "coordinator at start, and for a silent process before the others stop")
 
@@ -42,8 +37,8 @@ def check_flags(parser, args):
 
 
 def wait_for_coordinator(address, seconds):
-    """Returns once something listens at HOST:PORT; StartError after `seconds`. JAX's own
-    client aborts the process with a stack trace when it cannot reach the coordinator."""
+    """Returns once something listens at HOST:PORT, else StartError after `seconds`: JAX's own
+    client aborts the process with a stack trace."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + seconds
     while True:
@@ -70,30 +65,24 @@ def start(args):
         raise StartError(f"jax.distributed could not start: {str(e).splitlines()[0]}") from None
 
 
-def lost_peer(error):
-    """Whether `error` is a collective that failed because another process is gone: Gloo, JAX's
-    transport between CPU processes, and the coordination service name themselves in it."""
-    return isinstance(error, (jax.errors.JaxRuntimeError, ValueError)) and any(
-        name in str(error) for name in ("Gloo", "gloo", "coordination service"))
-
-
 def lost_peer_message(error):
-    """The line for a collective that failed because another process is gone."""
-    return (f"error: process {jax.process_index()} lost another process "
-            f"({str(error).splitlines()[0]}); once all are up again, continue with --resume")
+    """The line for `error` if it is a collective that failed because another process is gone (Gloo,
+    JAX's transport between CPU processes, or the coordination service names itself), else None."""
+    if isinstance(error, (jax.errors.JaxRuntimeError, ValueError)) and any(
+            name in str(error) for name in ("Gloo", "gloo", "coordination service")):
+        return (f"error: process {jax.process_index()} lost another process "
+                f"({str(error).splitlines()[0]}); once all are up again, continue with --resume")
 
 
 def leave(message, every_process):
-    """Prints message and exits with status 1. `every_process`: all processes stop with this
-    error (flags that do not fit the devices), so they leave together."""
+    """Prints message and exits with status 1; together with the others if every_process."""
     print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
     if every_process:
-        # Together through jax.distributed's barrier. Were process 0 to leave first, JAX would
-        # abort the others, whose coordination service it hosts, before they print their line.
+        # Through jax.distributed's barrier: were process 0, the coordinator, to leave first, JAX
+        # would abort the others before they print their line.
         jax.distributed.shutdown()
         sys.exit(1)
-    # An error of this process alone: jax.distributed's exit barrier would wait for the others,
-    # then abort with a stack trace. Leaving without it closes our connections at once, which
-    # stops the other processes too.
+    # Alone: JAX's exit barrier would wait for the others, then abort with a stack trace. Leaving
+    # without it closes our connections, which stops the others too.
     os._exit(1)

@@ -1,9 +1,5 @@
-"""MNIST and Fashion-MNIST as numpy arrays: images uint8 [N, 28, 28, 1], labels int32 [N].
-
-The data comes from the four standard IDX files, read from a folder (`--data-dir`) or
-downloaded through TFDS's download manager (registered checksums, cache). TensorFlow is
-never imported: we parse the IDX files with numpy.
-"""
+"""MNIST and Fashion-MNIST as numpy arrays, from the four IDX files in a folder or downloaded by
+TFDS's download manager (checksums, cache); numpy parses them, TensorFlow is never imported."""
 import gzip
 import math
 import os
@@ -16,10 +12,8 @@ import zlib
 import numpy as np
 
 DATASETS = ("mnist", "fashion_mnist")
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 ALL_FILES = sum(FILES.values(), ())
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 NUM_CLASSES = 10  # MNIST's digits, Fashion-MNIST's kinds of clothing
@@ -30,8 +24,7 @@ class DataError(Exception):
 
 
 def parse_idx(path, magic):
-    """Reads one IDX file (raw or .gz) into a uint8 array. The shape its header claims is checked
-    against the data the file holds, read up to its end: memory never exceeds the real data."""
+    """One IDX file (raw or .gz) as a uint8 array, its header's shape checked against its data."""
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             header = f.read(4)
@@ -42,8 +35,10 @@ def parse_idx(path, magic):
             shape = tuple(int.from_bytes(dims[i:i + 4], "big") for i in range(0, len(dims) - 3, 4))
             if len(shape) != magic & 0xFF or 0 in shape:
                 raise DataError(f"{path} has a damaged header: it gives the shape {shape}")
-            size = math.prod(shape)
-            data = read_at_most(f, size)
+            size, data = math.prod(shape), bytearray()
+            # In blocks, up to size + 1: no more memory than the file holds, whatever it claims.
+            while len(data) <= size and (block := f.read(1 << 20)):
+                data += block
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if len(data) != size:
@@ -53,19 +48,9 @@ def parse_idx(path, magic):
     return np.frombuffer(data, np.uint8).reshape(shape)  # the bytearray's memory, not a copy
 
 
-def read_at_most(f, size, block=1 << 20):
-    """The bytes of a file up to its end, or to size + 1 if it holds more, in blocks of one size
-    whatever size claims: a file that claims more takes no more memory than it holds."""
-    data = bytearray()
-    while len(data) <= size and (chunk := f.read(block)):
-        data += chunk
-    return data
-
-
 def find_file(data_dir, name):
     """Path of `name` or `name.gz` in data_dir."""
-    for candidate in (name, name + ".gz"):
-        path = os.path.join(data_dir, candidate)
+    for path in (os.path.join(data_dir, name), os.path.join(data_dir, name + ".gz")):
         if os.path.isfile(path):
             return path
     raise DataError(f"{data_dir} has no {name} (or {name}.gz); it needs the four standard "
@@ -89,8 +74,7 @@ def parse_split(images_path, labels_path):
 
 
 def unreachable(url, seconds=10):
-    """None if url's server answers within `seconds`, else why not. TFDS itself retries a dead
-    network, or a server error, for about 3.5 minutes, printing a warning for each try."""
+    """None if url's server answers within `seconds`, else why not (TFDS retries for minutes)."""
     answer = []
 
     def probe():

@@ -1,5 +1,4 @@
-"""The CNN of the Flax quick start (Linen API), the settings of a run and its train state: what
-train.py, infer.py and export.py share. `python model.py` prints the model's summary."""
+"""The quick start's CNN, a run's settings and its train state; `python model.py`: a summary."""
 import dataclasses
 import functools
 
@@ -57,8 +56,7 @@ class RunConfig(Config):
     data_dir: str | None = None  # the four IDX files; None: download through TFDS
 
 
-# One MNIST image, as batches hold them: what the CNN's parameters are shaped for.
-MNIST_IMAGE = np.zeros((1, 28, 28, 1), np.uint8)
+MNIST_IMAGE = np.zeros((1, 28, 28, 1), np.uint8)  # a batch of one, to shape the CNN's parameters
 
 if __name__ == "__main__":
     print(CNN().tabulate(jax.random.key(0), MNIST_IMAGE, compute_flops=True,

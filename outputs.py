@@ -1,13 +1,12 @@
-"""What train.py writes to --workdir after every epoch, and reads back: the checkpoint, the
-history and the plot. Every file is written whole or not at all."""
+"""What train.py writes to --workdir, one run at a time, each file whole or not at all."""
 import dataclasses
 import errno
+import fcntl
 import functools
 import io
 import json
 import numbers
 import os
-import tempfile
 
 import jax
 import numpy as np
@@ -17,6 +16,7 @@ import input_pipeline
 from model import CNN, MNIST_IMAGE, RunConfig, create_train_state
 
 CHECKPOINT, HISTORY, PLOT = "checkpoint.msgpack", "history.json", "metrics.png"
+LOCK = ".lock"  # held by the run that writes the folder, and naming its process
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")  # the plot's
 
 
@@ -24,19 +24,32 @@ class CheckpointError(Exception):
     """A checkpoint, or --workdir, cannot be read, written or used; the message names the file."""
 
 
-def make_workdir(workdir):
-    """Creates workdir; CheckpointError before any training if files cannot be written there."""
+def claim_workdir(workdir, resume):
+    """workdir, created and locked for this process (the returned file; the OS unlocks it when the
+    process ends); CheckpointError if it is not writable, in use, or holds a run and not resume."""
+    path = os.path.join(workdir, LOCK)
     try:
         os.makedirs(workdir, exist_ok=True)
-        tempfile.TemporaryFile(dir=workdir).close()
+        # Read-only: a file open for writing would keep its file system from turning read-only.
+        lock = os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o644))
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(path, "w") as f:
+            print(os.getpid(), file=f)  # for the line below, to the next run that tries
+    except BlockingIOError:
+        raise CheckpointError(f"--workdir {workdir} is in use by another run (process "
+                              f"{lock.read().strip()}); let it end, or pick another --workdir"
+                              ) from None
     except OSError as e:
         raise CheckpointError(f"--workdir {workdir} is not writable: {e.strerror}") from None
+    if not resume and os.path.lexists(os.path.join(workdir, CHECKPOINT)):
+        raise CheckpointError(f"--workdir {workdir} holds a run already, in {CHECKPOINT}; continue "
+                              f"it with --resume, or pick another --workdir")
+    return lock
 
 
 def write_atomic(path, data):
-    """Writes bytes to path via a temp file and os.replace: readers see the old or the new file.
-    When it cannot (disk full, quota, read-only), the OSError of its cause, with path as its
-    filename, the file as it was and no temp file left behind."""
+    """bytes to path through a temp file, so that readers see the old or the new file; or the
+    OSError of the cause (named for path), the file as it was, no temp file left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -52,8 +65,7 @@ def write_atomic(path, data):
 
 
 def what_to_do(error):
-    """What a user can do about a failed write, by its cause: a full disk or quota, something
-    else at the file's path, or a folder that cannot be written (read-only, no permission)."""
+    """What a user can do about a failed write: free space, clear the path or make it writable."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "free space"
     if error.errno in (errno.EISDIR, errno.ENOTDIR):
@@ -61,16 +73,8 @@ def what_to_do(error):
     return f"make {os.path.dirname(error.filename) or '.'} writable"
 
 
-def save_checkpoint(path, state, epoch, config, history):
-    """Everything needed to use or resume the run, as one msgpack file."""
-    checkpoint = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
-                  "config": dataclasses.asdict(config), "history": history}
-    write_atomic(path, serialization.msgpack_serialize(checkpoint))
-
-
 def read_checkpoint(path):
-    """The checkpoint dict, its config a RunConfig; CheckpointError naming the file when it is
-    missing, broken, or holds what train.py never writes."""
+    """The checkpoint dict, its config a RunConfig; CheckpointError if unreadable or foreign."""
     try:
         with open(path, "rb") as f:
             checkpoint = serialization.msgpack_restore(f.read())
@@ -98,33 +102,25 @@ def well_formed(checkpoint):
 
 
 def load_checkpoint(path, model=CNN()):
-    """(state, epoch, config, history) of a checkpoint, checked against the shapes and dtypes of
-    a fresh state of `model` with the checkpoint's settings."""
+    """(state, epoch, config, history) of a checkpoint whose arrays fit a state of `model`."""
     checkpoint = read_checkpoint(path)
     # The shapes alone: eval_shape traces create_train_state without compiling or running it. The
     # optimizer's settings are the checkpoint's; its seed only draws values that the file replaces.
     settings = dataclasses.replace(checkpoint["config"], seed=0)
     target = jax.eval_shape(lambda: create_train_state(model, settings, MNIST_IMAGE))
-    # No sorting: keys of any type.
-    flat = functools.partial(traverse_util.flatten_dict, keep_empty_nodes=True)
+    flat = functools.partial(traverse_util.flatten_dict, keep_empty_nodes=True)  # keys of any type
     saved, expected = checkpoint["state"], flat(serialization.to_state_dict(target))
     leaves = flat(saved) if isinstance(saved, dict) else {}
     if leaves.keys() != expected.keys() or not all(
-            same_layout(leaves[key], leaf) for key, leaf in expected.items()):
+            got is want if want is traverse_util.empty_node  # an empty node where one belongs
+            else np.shape(got) == want.shape and np.asarray(got).dtype.kind == want.dtype.kind
+            for got, want in zip(map(leaves.get, expected), expected.values())):
         raise CheckpointError(f"{path} does not fit this model (other parameter shapes)")
     if not all(np.isfinite(leaf).all() for leaf in leaves.values()
                if leaf is not traverse_util.empty_node):
         raise CheckpointError(f"{path} holds parameters that are not finite numbers; it is damaged")
     return (serialization.from_state_dict(target, saved), checkpoint["epoch"], checkpoint["config"],
             checkpoint["history"])
-
-
-def same_layout(saved, expected):
-    """Whether a saved leaf has the expected one's shape and kind of number, or is the empty
-    node as it is."""
-    if expected is traverse_util.empty_node:
-        return saved is traverse_util.empty_node
-    return np.shape(saved) == expected.shape and np.asarray(saved).dtype.kind == expected.dtype.kind
 
 
 def last_checkpoint(workdir):
@@ -143,9 +139,8 @@ def plot_history(history):
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(15, 5))
-    ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
-    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
         ax.set_title(metric.capitalize())
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -163,7 +158,9 @@ def save_figure(path, figure):
 
 
 def save(workdir, state, epoch, config, history):
-    """Checkpoint, history and plot of the run so far, into workdir."""
-    save_checkpoint(os.path.join(workdir, CHECKPOINT), state, epoch, config, history)
+    """The run so far into workdir: a checkpoint (all it takes to resume), its history, its plot."""
+    checkpoint = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
+                  "config": dataclasses.asdict(config), "history": history}
+    write_atomic(os.path.join(workdir, CHECKPOINT), serialization.msgpack_serialize(checkpoint))
     write_atomic(os.path.join(workdir, HISTORY), json.dumps(history, indent=1).encode())
     save_figure(os.path.join(workdir, PLOT), plot_history(history))

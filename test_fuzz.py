@@ -134,9 +134,8 @@ def test_damaged_checkpoints_load_or_raise_checkpoint_error(tmp_path):
     history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.0, "test_loss": 0.4, "test_accuracy": 91.0,
                 "epoch_time": 1.0} for e in (1, 2)]
     config = RunConfig(data_dir="/data")
-    outputs.save_checkpoint(str(tmp_path / "good"), create_train_state(Tiny(), config, MNIST_IMAGE), 2,
-                            config, history)
-    fuzz(tmp_path, "checkpoint", {"checkpoint.msgpack": (tmp_path / "good").read_bytes()},
+    outputs.save(tmp_path, create_train_state(Tiny(), config, MNIST_IMAGE), 2, config, history)
+    fuzz(tmp_path, "checkpoint", {"checkpoint.msgpack": (tmp_path / "checkpoint.msgpack").read_bytes()},
          lambda path: outputs.load_checkpoint(path, Tiny()), outputs.CheckpointError, 1500)
 
 

@@ -35,7 +35,7 @@ def test_cli_end_to_end_prints_the_log_of_the_in_process_run(data_dir, trained, 
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     assert epoch_lines(run.stdout) == epoch_lines(trained[1]) and len(epoch_lines(run.stdout)) == 4
     assert re.search(r"^epoch 2 time: \d+\.\d\d s, \d+ images/s$", run.stdout, re.M)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "checkpoint.msgpack", "history.json", "metrics.png"]
 
 
 def cpu_devices(count):
@@ -144,7 +144,7 @@ def test_file_size_limit(data_dir, trained, tmp_path):
         processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE))
     for run, (name, (_, message)) in zip(finish(processes), cases.items()):
         assert_clean_error(run, "^error: " + message.format(tmp=re.escape(str(tmp_path / name))))
-        assert os.listdir(tmp_path / name) == [], name
+        assert os.listdir(tmp_path / name) == ([".lock"] if name == "train" else []), name
 
 
 @pytest.fixture
@@ -277,6 +277,80 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, traine
         assert len(epochs) == 2 and epochs == sorted(epochs) and epochs[-1] > 2
 
 
+# --- one workdir, one run ---
+
+REFUSED = (r"^error: --workdir {workdir} holds a run already, in checkpoint.msgpack; continue it "
+           r"with --resume, or pick another --workdir$")
+
+
+def test_a_fresh_run_never_replaces_a_run(data_dir, trained, tmp_path):
+    """A workdir that holds a run of 2 epochs, and train.py again without --resume: with other
+    settings, and the very same command, side by side. One line each; the run stays as it was."""
+    cases = {"other settings": ["--epochs", 1, "--learning-rate", 0.05], "same command": ["--epochs", 2]}
+    for case in cases:
+        shutil.copytree(trained[0], tmp_path / case)
+    before = {case: (tmp_path / case / "checkpoint.msgpack").read_bytes() for case in cases}
+    runs = finish([start_script("train.py", *args, "--data-dir", data_dir, "--workdir", tmp_path / case)
+                   for case, args in cases.items()], timeout=60)
+    for run, case in zip(runs, cases):
+        assert_clean_error(run, REFUSED.format(workdir=re.escape(str(tmp_path / case))))
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stdout == ""
+        assert (tmp_path / case / "checkpoint.msgpack").read_bytes() == before[case]
+
+
+def holder(workdir, process, seconds=60):
+    """Waits until `process` holds workdir (its pid in the lock file); fails if it ends first."""
+    deadline = time.monotonic() + seconds
+    while not ((workdir / ".lock").exists() and (workdir / ".lock").read_text().strip() == str(process.pid)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"train.py did not take {workdir}: {process.poll()}")
+        time.sleep(0.01)
+
+
+def test_a_second_run_on_a_busy_workdir_ends_at_once(tmp_path):
+    """Two runs on one workdir at once, the second with other settings: it ends within seconds,
+    naming the first, which goes on to its end with its own settings."""
+    data_dir, workdir = write_dataset(tmp_path / "data", num_train=3200), tmp_path / "w"
+    first = start_script("train.py", "--epochs", 6, "--data-dir", data_dir, "--workdir", workdir)
+    try:
+        holder(workdir, first)
+        start = time.perf_counter()
+        second = run_script("train.py", "--epochs", 6, "--learning-rate", 0.05, "--data-dir", data_dir,
+                            "--workdir", workdir)
+        seconds = time.perf_counter() - start
+        assert first.poll() is None, "the first run ended before the second asked for the workdir"
+    finally:
+        first_run, = finish([first], timeout=120)
+    assert seconds < 10
+    assert_clean_error(second, rf"^error: --workdir {re.escape(str(workdir))} is in use by another run "
+                               rf"\(process {first.pid}\); let it end, or pick another --workdir$")
+    assert first_run.returncode == 0, first_run.stderr
+    _, epoch, config, history = load_checkpoint(workdir / "checkpoint.msgpack")
+    assert (epoch, config.learning_rate, len(history)) == (6, 0.01, 6)
+
+
+def test_a_run_killed_in_epoch_2_goes_on_with_resume(tmp_path):
+    """SIGKILL once epoch 1 is saved: the lock dies with the process, --resume takes the workdir
+    and goes on from the checkpoint, which the kill left as epoch 1 wrote it."""
+    data_dir, workdir = write_dataset(tmp_path / "data", num_train=3200), tmp_path / "w"
+    args = ["--epochs", 3, "--data-dir", data_dir, "--workdir", workdir]
+    first = start_script("train.py", *args)
+    try:
+        read_until(first, "epoch 1 time")
+        while not (workdir / "metrics.png").exists():  # epoch 1 saved: its last file
+            time.sleep(0.005)
+        saved = (workdir / "checkpoint.msgpack").read_bytes()
+        first.kill()
+    finally:
+        finish([first])
+    done = load_checkpoint(workdir / "checkpoint.msgpack")[1]
+    assert done == 2 or (workdir / "checkpoint.msgpack").read_bytes() == saved  # epoch 2's, or 1's
+    resumed = run_script("train.py", "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [line[1] for line in epoch_lines(resumed.stdout)] == [e for e in range(done + 1, 4) for _ in "tt"]
+    assert load_checkpoint(workdir / "checkpoint.msgpack")[1] == 3
+
+
 # --- several processes (jax.distributed over Gloo on 127.0.0.1) ---
 
 def start_processes(workdirs, *args, env=None):
@@ -324,7 +398,7 @@ def test_two_processes_print_the_log_of_one(trained, two_processes):
     assert_same_log(epoch_lines(process0.stdout)[:4], epoch_lines(trained[1]))
     assert [line[:2] for line in epoch_lines(process0.stdout)][4:] == [("train", 3), ("test", 3)]
     assert "epoch" not in process1.stdout
-    assert sorted(os.listdir(workdirs[0])) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(workdirs[0])) == [".lock", "checkpoint.msgpack", "history.json", "metrics.png"]
     assert not workdirs[1].exists()
 
 
@@ -429,6 +503,7 @@ def test_open_mpi_launch_prints_the_log_of_two_devices(data_dir, two_devices, tm
     assert launch.returncode == 0, err
     assert epoch_lines(out) == epoch_lines(two_devices[1].stdout) and len(epoch_lines(out)) == 2
     assert len(re.findall(r"^epoch \d time", out, re.M)) == 1  # rank 0's lines only
-    assert sorted(os.listdir(tmp_path / "rank0")) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(tmp_path / "rank0")) == [".lock", "checkpoint.msgpack", "history.json",
+                                                      "metrics.png"]
     assert not (tmp_path / "rank1").exists()
     assert ranks_left == []  # every rank ended with mpirun

@@ -1,10 +1,12 @@
 """train.py, input_pipeline.py, outputs.py and model.py in this process: the quick tier,
 `python -m pytest -q test_train.py`, to run after every edit."""
+import dataclasses
 import gzip
 import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 
 import flax.linen as nn
@@ -281,7 +283,7 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(data_dir, trained, tmp
 
 def test_the_workdir_holds_checkpoint_history_and_plot(trained):
     workdir, stdout = trained
-    assert sorted(os.listdir(workdir)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(workdir)) == [".lock", "checkpoint.msgpack", "history.json", "metrics.png"]
     history = json.loads((workdir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2)) == epoch_lines(stdout)[-1][2:]
@@ -296,8 +298,8 @@ def test_checkpoint_round_trip(tmp_path):
     state = state.replace(opt_state=jax.tree.map(lambda a: a + 1, state.opt_state), step=7)
     history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25,
                 "epoch_time": 1.5} for e in (1, 2, 3, 4)]
-    outputs.save_checkpoint(str(tmp_path / "c"), state, 4, config, history)
-    loaded, epoch, loaded_config, loaded_history = load_checkpoint(tmp_path / "c")
+    outputs.save(tmp_path, state, 4, config, history)
+    loaded, epoch, loaded_config, loaded_history = load_checkpoint(tmp_path / "checkpoint.msgpack")
     assert (epoch, loaded_config, loaded_history, int(loaded.step)) == (4, config, history, 7)
     for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
                     jax.tree.leaves((loaded.params, loaded.opt_state))):
@@ -305,19 +307,22 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = str(tmp_path / "c")
-    history = [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25}]
-    outputs.save_checkpoint(path, fresh_state(), 1, RunConfig(), history)
+    path = str(tmp_path / "checkpoint.msgpack")
+    history = [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25,
+                "test_accuracy": 91.25}]
+    outputs.save(tmp_path, fresh_state(), 1, RunConfig(), history)
+    files = sorted(os.listdir(tmp_path))
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)  # fails after the bytes went to the temp file
     with pytest.raises(OSError) as raised:
-        outputs.save_checkpoint(path, fresh_state(), 2, RunConfig(), history * 2)
-    assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (28, "No space left on device", path)
+        outputs.save(tmp_path, fresh_state(), 2, RunConfig(), history * 2)
+    assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (
+        28, "No space left on device", path)
     assert load_checkpoint(path)[1] == 1
-    assert os.listdir(tmp_path) == ["c"]
+    assert sorted(os.listdir(tmp_path)) == files == ["checkpoint.msgpack", "history.json", "metrics.png"]
 
 
 def test_plot_ticks_whole_epochs():
@@ -397,12 +402,31 @@ def test_bad_data(run_main, tmp_path, damage, message):
 @pytest.mark.parametrize("learning_rate, loss", [("1e20", r"(nan|inf)"), ("1e4", r"\d\.\d+e\+\d+")])
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(run_main, data_dir, trained, tmp_path,
                                                                 learning_rate, loss):
-    """nan, inf, or finite but far above an untrained model's 2.30."""
-    good = (trained[0] / "checkpoint.msgpack").read_bytes()
-    (tmp_path / "checkpoint.msgpack").write_bytes(good)
-    run = run_main(train.main, "--learning-rate", learning_rate, "--data-dir", data_dir, "--workdir", tmp_path)
-    assert_clean_error(run, rf"the loss became {loss} in epoch 1; lower --learning-rate")
+    """nan, inf, or finite but far above an untrained model's 2.30: the epoch is not saved."""
+    state, epoch, config, history = load_checkpoint(trained[0] / "checkpoint.msgpack")
+    outputs.save(tmp_path, state, epoch, dataclasses.replace(config, learning_rate=float(learning_rate)),
+                 history)
+    good = (tmp_path / "checkpoint.msgpack").read_bytes()
+    run = run_main(train.main, "--resume", "--epochs", 3, "--learning-rate", learning_rate, "--data-dir",
+                   data_dir, "--workdir", tmp_path)
+    assert_clean_error(run, rf"the loss became {loss} in epoch 3; lower --learning-rate")
     assert (tmp_path / "checkpoint.msgpack").read_bytes() == good
+
+
+def test_a_workdir_in_use_or_holding_a_run_is_refused_before_training(run_main, data_dir, trained,
+                                                                        tmp_path):
+    """One line each, the workdir's files untouched (test_processes.py runs them as processes)."""
+    shutil.copytree(trained[0], tmp_path / "run")
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
+    run = run_main(train.main, "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / "run")
+    assert_clean_error(run, r"--workdir .*run holds a run already, in checkpoint.msgpack; continue it "
+                            r"with --resume, or pick another --workdir$")
+    with outputs.claim_workdir(tmp_path / "run", resume=True):  # as another run would hold it
+        run = run_main(train.main, "--resume", "--data-dir", data_dir, "--workdir", tmp_path / "run")
+    assert_clean_error(run, rf"--workdir .*run is in use by another run \(process {os.getpid()}\); let it "
+                            rf"end, or pick another --workdir$")
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before if name != ".lock"} == {
+        name: data for name, data in before.items() if name != ".lock"}
 
 
 def test_unwritable_workdir_fails_before_training(run_main, data_dir, tmp_path):
@@ -433,7 +457,7 @@ def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(run_main, d
                             rf"{checkpoint} \(epoch 1\); free space, then continue with --resume$")
     assert epoch_lines(run.stdout)[-1][:2] == ("test", 2)  # epoch 2 trained, its checkpoint did not fit
     assert load_checkpoint(small_disk / "checkpoint.msgpack")[1] == 1
-    assert sorted(os.listdir(small_disk)) == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(small_disk)) == [".lock", "checkpoint.msgpack", "history.json", "metrics.png"]
 
 
 def test_resume_with_other_settings_is_refused(run_main, data_dir, trained):

@@ -1,17 +1,11 @@
 """Trains the Flax quick start's CNN on MNIST: `python train.py --epochs 10`; `--help` lists flags.
 
-The recipe comes first and copies alone: the steps, the epoch, the evaluation and the loop with the
-quick start's log, for any Linen model on numpy arrays. The machinery after it wraps the recipe
-from outside: speed and data parallelism where the steps are jitted, several hosts, checkpoints,
-resume, a progress bar and one line on stderr for every error a user can cause.
-"""
+First the recipe, which copies alone; then the machinery that wraps it from outside: speed and data
+parallelism where the steps are jitted, hosts, checkpoints, and one line for every error."""
 import argparse
-import collections
 import contextlib
 import dataclasses
-import io
 import itertools
-import math
 import os
 import signal
 import sys
@@ -20,7 +14,6 @@ import time
 import traceback
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -111,13 +104,11 @@ def train_and_evaluate(state, train_data, test_data, config, first_epoch=1, step
 
 # --- The machinery: train.py's command line around the recipe -----------------------------------
 
-# Train steps per jitted call, and whether lax.scan unrolls them, by backend (PERFORMANCE.md,
-# section 7). XLA:CPU: 5, unrolled, since in a rolled loop it runs the gradient convolutions as
-# plain loops. Accelerators: a long rolled scan, so that the host's loop does not set the pace.
+# Train steps per jitted call, and whether lax.scan unrolls them (PERFORMANCE.md, section 7): on
+# XLA:CPU 5, unrolled, as it runs gradient convolutions in a loop as plain loops; on accelerators
+# 500, so that the host does not set the pace.
 STEPS_PER_CALL = {"cpu": (5, True)}
 ACCELERATOR_STEPS_PER_CALL = (500, False)
-# Guessing gives a loss of ln 10 = 2.30: an epoch that averages far above it has diverged.
-DIVERGED_LOSS = 10 * math.log(10)
 
 
 def train_steps(state, batches, unroll):
@@ -139,7 +130,7 @@ def jit_steps():
 
 def data_parallel(mesh, jitted_train, jitted_eval, unroll):
     """jit_steps' steps for train_and_evaluate, each batch split over the mesh's devices."""
-    in_flight = collections.deque()
+    in_flight = []
 
     def run_train_step(state, stack):
         state, sums = jitted_train(state, shard(mesh, stack, batch_axis=1), unroll)
@@ -147,7 +138,7 @@ def data_parallel(mesh, jitted_train, jitted_eval, unroll):
         # deadlocks with a deep queue (JAX 0.10.2, two devices on two cores).
         in_flight.append(sums)
         if len(in_flight) > 2:
-            jax.block_until_ready(in_flight.popleft())
+            jax.block_until_ready(in_flight.pop(0))
         return state, sums
 
     def run_eval_step(state, batch):
@@ -165,30 +156,26 @@ def stacks(batches, size):
 
 
 def shard(mesh, arrays, batch_axis):
-    """Global arrays from the same batch on every process: split along batch_axis over the mesh,
-    each process giving its share; or, where batch_axis is None, whole on every device."""
+    """Global arrays of every process's same batch, split along batch_axis (None: replicated)."""
     if batch_axis is None:
-        sharding, mine = NamedSharding(mesh, P()), slice(None)
+        sharding, mine = NamedSharding(mesh, P()), lambda a: a
     else:
         sharding = NamedSharding(mesh, P(*[None] * batch_axis, "batch"))
-        size = next(iter(arrays.values())).shape[batch_axis] // jax.process_count()
-        start = size * jax.process_index()
-        mine = (slice(None),) * batch_axis + (slice(start, start + size),)
-    return {name: jax.make_array_from_process_local_data(sharding, a[mine])
+        mine = lambda a: np.split(a, jax.process_count(), batch_axis)[jax.process_index()]
+    return {name: jax.make_array_from_process_local_data(sharding, mine(a))
             for name, a in arrays.items()}
 
 
 def train(config, workdir, resume, interrupted):
-    """train_and_evaluate on every device of every process, process 0 alone printing and saving;
-    resume: from workdir's checkpoint. Stops after an epoch once `interrupted` is set."""
+    """train_and_evaluate on every device of every process, process 0 alone printing and saving."""
     mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(AxisType.Auto,))
     if config.batch_size % jax.device_count():
         raise TrainingError(f"--batch-size {config.batch_size} is not divisible by the "
                             f"{jax.device_count()} devices; pick a multiple of "
                             f"{jax.device_count()}", every_process=True)
     is_main_process = jax.process_index() == 0
-    if is_main_process:
-        outputs.make_workdir(workdir)
+    # Held until train() returns; the OS drops it with the process, however that ends.
+    _workdir_lock = outputs.claim_workdir(workdir, resume) if is_main_process else None
     data = input_pipeline.load_dataset(config.dataset, config.data_dir)
     if config.batch_size > len(data["train"][1]):
         raise TrainingError(f"--batch-size {config.batch_size} is larger than the "
@@ -203,7 +190,7 @@ def train(config, workdir, resume, interrupted):
         return stacks(bar, steps_per_call)
 
     def after_epoch(state, record):
-        if not record["train_loss"] < DIVERGED_LOSS:  # also catches nan
+        if not record["train_loss"] < 10 * np.log(10):  # guessing gives ln 10; also catches nan
             raise TrainingError(f"the loss became {record['train_loss']:.4g} in epoch "
                                 f"{record['epoch']}; lower --learning-rate")
         history.append(record)
@@ -212,7 +199,8 @@ def train(config, workdir, resume, interrupted):
         if interrupted.is_set():
             raise KeyboardInterrupt
 
-    with contextlib.nullcontext() if is_main_process else contextlib.redirect_stdout(io.StringIO()):
+    # Process 0 alone prints: print() writes nothing where sys.stdout is None.
+    with contextlib.nullcontext() if is_main_process else contextlib.redirect_stdout(None):
         steps = (*data_parallel(mesh, *jit_steps(), unroll), feed)
         return train_and_evaluate(state, data["train"], data["test"], config, done + 1, steps,
                                   after_epoch)[0]
@@ -279,8 +267,7 @@ def main(argv=None):
     interrupted = threading.Event()
 
     def interrupt(signum, frame):
-        # The event too: JAX's garbage-collection callback swallows a KeyboardInterrupt raised
-        # in it.
+        # The event too: JAX's garbage-collection callback swallows an exception raised in it.
         interrupted.set()
         raise KeyboardInterrupt
 
@@ -306,8 +293,7 @@ def main(argv=None):
             raise  # a bug: its traceback
         # Another process is gone, or a bug, whose traceback leave() prints: JAX's own exit would
         # wait for the other processes, then abort.
-        message = (distributed.lost_peer_message(e) if distributed.lost_peer(e)
-                   else traceback.format_exc().rstrip())
+        message = distributed.lost_peer_message(e) or traceback.format_exc().rstrip()
     if args.distributed:
         distributed.leave(message, every_process)
     sys.exit(message)

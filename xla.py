@@ -1,9 +1,5 @@
-"""How the scripts compile: XLA's options for train.py's jitted steps, less any that the running XLA
-refuses, and JAX's persistent compilation cache.
-
-XLA fails every compile that names an option it does not know, and experimental options are renamed
-or dropped between releases: a run there goes on without that option, and says so once.
-"""
+"""How the scripts compile: our XLA options, less those the running XLA refuses (experimental ones
+come and go between releases), and JAX's persistent compilation cache."""
 import functools
 import os
 import sys
@@ -22,9 +18,7 @@ XLA_OPTIONS = {
 
 @functools.cache  # once per process: the answer is the installed XLA's, and its note is said once
 def compiler_options():
-    """XLA_OPTIONS less those the running XLA refuses, each refused one said once on stderr.
-    Compiling a no-op with each option tells; call it once JAX may start its backend (after
-    jax.distributed)."""
+    """XLA_OPTIONS less those that a no-op's compilation refuses, each named once on stderr."""
     options = {}
     for name, value in XLA_OPTIONS.items():
         try:
@@ -38,10 +32,8 @@ def compiler_options():
 
 
 def use_compilation_cache(several_processes=False):
-    """JAX's persistent compilation cache in this user's cache folder, so that a second start
-    compiles nothing (PERFORMANCE.md, section 5); none where JAX_COMPILATION_CACHE_DIR is set
-    (empty: no cache). JAX runs what it finds there, so a folder others can write is not used.
-    In a run of several processes no cache at all, not even JAX_COMPILATION_CACHE_DIR's."""
+    """JAX's compilation cache in the user's own cache folder (PERFORMANCE.md, section 5), unless
+    JAX_COMPILATION_CACHE_DIR sets one; none at all in a run of several processes."""
     if several_processes:
         # No help there, and a hang on JAX 0.12.1 (PERFORMANCE.md, section 6).
         jax.config.update("jax_enable_compilation_cache", False)
@@ -60,5 +52,4 @@ def use_compilation_cache(several_processes=False):
               file=sys.stderr)
         return
     jax.config.update("jax_compilation_cache_dir", folder)
-    # Every compilation: the default, 1 s, skips most of ours.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # not 1 s: most of ours
