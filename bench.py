@@ -1,4 +1,4 @@
-"""Benchmarks train.py against the Flax quick start's way, in one process: `python bench.py [--data-dir DIR]`.
+"""Benchmarks train.py against the Flax quick start's way: `python bench.py [--data-dir DIR]`.
 
 Absolute times drift on shared machines, so the two ways and the two batch sizes alternate in
 rounds and the table shows medians and their ratios. Also: evaluation speed, FLOPs against a matmul
@@ -34,6 +34,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MALLOC_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX")
 
 
+def steps_per_call_here():
+    """(steps per jitted call, unrolled) as train.py picks them for this backend."""
+    return train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
+
+
 def new_state():
     """A fresh train state of train.py's model with the quick start's settings."""
     return create_train_state(CNN(), Config(), MNIST_IMAGE)
@@ -63,7 +68,7 @@ def time_ours(jitted, images, labels, batch_size, steps, mesh):
     """Seconds per step as train.py's loop runs its steps (`jitted`: train.jit_steps(), fed by
     data_parallel and stacks), over `steps` batches, after a warm-up call."""
     state = jax.device_put(new_state(), NamedSharding(mesh, P()))
-    steps_per_call, unroll = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
+    steps_per_call, unroll = steps_per_call_here()
     run_train_step, _ = train.data_parallel(mesh, *jitted, unroll)
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
         train.stacks(train.train_batches(images, labels, batch_size, 0, 1), steps_per_call),
@@ -85,7 +90,8 @@ def time_ours(jitted, images, labels, batch_size, steps, mesh):
 def time_quickstart(images, labels, batch_size, steps):
     """Seconds per step the quick start's way: float32 batches from the host, two jitted calls."""
     state = new_state()
-    metrics = {k: jnp.zeros(()) for k in ("loss_total", "loss_count", "accuracy_total", "accuracy_count")}
+    metrics = {name: jnp.zeros(())
+               for name in ("loss_total", "loss_count", "accuracy_total", "accuracy_count")}
     batches = itertools.islice(train.train_batches(images, labels, batch_size, 0, 1), steps + 1)
     batches = [(batch["image"].astype(np.float32) / 255, batch["label"]) for batch in batches]
     state = quickstart_train_step(state, *batches[0])
@@ -103,8 +109,10 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
     """{way: GFLOP/s} of a float32 square matmul on the CPU, each way's best over sizes and rounds:
     XLA as train.py compiles it, XLA's defaults, and numpy's BLAS. The fastest is the ceiling:
     on 2 AVX2 cores numpy's BLAS ran at 151 GFLOP/s where XLA's defaults gave 120 (JAX 0.11.2)."""
-    ways = {"XLA as train.py compiles it": (jax.jit(lambda x: x @ x, compiler_options=xla.XLA_OPTIONS), jnp.ones),
-            "XLA's defaults": (jax.jit(lambda x: x @ x), jnp.ones), "numpy's BLAS": (lambda x: x @ x, np.ones)}
+    ways = {"XLA as train.py compiles it": (jax.jit(lambda x: x @ x,
+                                                    compiler_options=xla.XLA_OPTIONS), jnp.ones),
+            "XLA's defaults": (jax.jit(lambda x: x @ x), jnp.ones),
+            "numpy's BLAS": (lambda x: x @ x, np.ones)}
     best = dict.fromkeys(ways, 0.0)
     for size in sizes:
         for way, (matmul, ones) in ways.items():
@@ -118,7 +126,8 @@ def matmul_gflops(sizes=(1024, 2048), rounds=5):
 def train_step_flops(jitted_train, batch_size):
     """FLOPs per image of one train step, from XLA's cost analysis of train.py's jitted train_steps
     compiled for a call of one step, which adds no loop."""
-    stack = {"image": jnp.zeros((1, batch_size, 28, 28, 1), jnp.uint8), "label": jnp.zeros((1, batch_size), jnp.int32)}
+    stack = {"image": jnp.zeros((1, batch_size, 28, 28, 1), jnp.uint8),
+             "label": jnp.zeros((1, batch_size), jnp.int32)}
     cost = jitted_train.lower(new_state(), stack, True).compile().cost_analysis()
     return (cost[0] if isinstance(cost, list) else cost)["flops"] / batch_size
 
@@ -142,8 +151,10 @@ def layer_parts(params, batch_size):
         g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
         parts.append((f"{name} forward", apply, (x, p)))
         if inputs_gradient:
-            parts.append((f"{name} input gradient", lambda x, p, g: jax.vjp(lambda x: apply(x, p), x)[1](g), (x, p, g)))
-        parts.append((f"{name} weight gradient", lambda x, p, g: jax.vjp(lambda p: apply(x, p), p)[1](g), (x, p, g)))
+            parts.append((f"{name} input gradient",
+                          lambda x, p, g: jax.vjp(lambda x: apply(x, p), x)[1](g), (x, p, g)))
+        parts.append((f"{name} weight gradient",
+                      lambda x, p, g: jax.vjp(lambda p: apply(x, p), p)[1](g), (x, p, g)))
 
     def elementwise(name, fn, x):
         g = jnp.asarray(rng.standard_normal(jax.eval_shape(fn, x).shape), jnp.float32)
@@ -155,7 +166,8 @@ def layer_parts(params, batch_size):
 
     images = jnp.asarray(rng.integers(0, 256, (batch_size, 28, 28, 1)), jnp.uint8)
     parts.append(("images to float", lambda x: x.astype(jnp.float32) / 255, (images,)))
-    layer("conv1 (1 -> 32 channels)", conv1, params["Conv_0"], features(28, 28, 1), inputs_gradient=False)
+    layer("conv1 (1 -> 32 channels)", conv1, params["Conv_0"], features(28, 28, 1),
+          inputs_gradient=False)
     elementwise("relu + avgpool 1", relu_pool, features(28, 28, 32))
     layer("conv2 (32 -> 64 channels)", conv2, params["Conv_1"], features(14, 14, 32))
     elementwise("relu + avgpool 2", relu_pool, features(14, 14, 64))
@@ -163,10 +175,12 @@ def layer_parts(params, batch_size):
     elementwise("relu", nn.relu, features(256))
     layer("dense2 (256 -> 10)", dense2, params["Dense_1"], features(256))
     labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
-    loss = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    def loss(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     parts.append(("loss forward and backward", jax.grad(loss), (features(10), labels)))
     state = new_state()
-    parts.append(("SGD momentum update", lambda state, grads: state.apply_gradients(grads=grads), (state, params)))
+    parts.append(("SGD momentum update", lambda state, grads: state.apply_gradients(grads=grads),
+                  (state, params)))
     return parts
 
 
@@ -195,11 +209,13 @@ def step_breakdown(images, labels, mesh, batch_size=32):
         seconds, cost = time_call(fn, args)
         flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
         rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
-    steps_per_call, _ = train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
+    steps_per_call, _ = steps_per_call_here()
     steps = len(images) // batch_size
-    gather = time_it(lambda: sum(1 for _ in train.stacks(  # a whole epoch's shuffle, gathers and stacks
-        train.train_batches(images, labels, batch_size, 0, 1), steps_per_call))) / steps
-    stack = next(train.stacks(train.train_batches(images, labels, batch_size, 0, 1), steps_per_call))
+
+    def stacks():
+        return train.stacks(train.train_batches(images, labels, batch_size, 0, 1), steps_per_call)
+    gather = time_it(lambda: sum(1 for _ in stacks())) / steps  # an epoch's shuffle and gathers
+    stack = next(stacks())
     send = statistics.median(time_it(lambda: jax.block_until_ready(
         train.shard(mesh, stack, batch_axis=1))) for _ in range(20)) / steps_per_call
     rows += [("host: shuffle, gather and stack the batches", 1e3 * gather, 0, 0),
@@ -209,11 +225,13 @@ def step_breakdown(images, labels, mesh, batch_size=32):
 
 # Peak RSS must come from a small parent: a child forked from this big process would count
 # the parent's pages it held until exec.
-MEASURE = ("import resource, subprocess, sys; code = subprocess.call([sys.executable, *sys.argv[1:]]); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+MEASURE = ("import resource, subprocess, sys; "
+           "code = subprocess.call([sys.executable, *sys.argv[1:]]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+           "sys.exit(code)")
 
 
-# train.py as a user starts it, up to the result of its first jitted call, then an exit: the start-up
+# train.py as a user starts it, up to the result of its first jitted call, then an exit: the start
 # a user waits through before training runs.
 FIRST_STEP = """
 import sys, jax, train
@@ -231,10 +249,11 @@ train.main(sys.argv[1:])
 
 
 def time_process(args, until=None, env=None):
-    """(wall seconds, peak RSS in MB) of a script run as a whole process; stops timing at `until`."""
+    """(wall seconds, peak RSS in MB) of a script run as a process; stops timing at `until`."""
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", MEASURE, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=HERE, env={**os.environ, **(env or {})})
+                               stderr=subprocess.PIPE, text=True, cwd=HERE,
+                               env={**os.environ, **(env or {})})
     seconds = None
     for line in process.stdout:
         if until and line.startswith(until) and seconds is None:
@@ -249,7 +268,8 @@ def write_random_dataset(folder):
     """Random uint8 data of MNIST's shapes, as the four IDX files."""
     rng = np.random.default_rng(0)
     for split, num in (("train", 60000), ("test", 10000)):
-        for name, shape, magic in zip(input_pipeline.FILES[split], ((num, 28, 28), (num,)), (0x803, 0x801)):
+        for name, shape, magic in zip(input_pipeline.FILES[split], ((num, 28, 28), (num,)),
+                                      (0x803, 0x801)):
             array = rng.integers(0, 256 if len(shape) > 1 else 10, shape).astype(np.uint8)
             header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in shape)
             with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
@@ -266,9 +286,10 @@ def time_it(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", help="the four MNIST files; default: random data of the same shape")
+    parser.add_argument("--data-dir", help="the four MNIST files; default: random data alike")
     parser.add_argument("--steps", type=int, default=300, help="timed steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two ways at both batch sizes")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of the two ways at both batch sizes")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -284,18 +305,23 @@ def main():
         rows, figures = [], {"device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
                              "cpu_count": os.cpu_count(), "machine": platform.machine(),
                              "data": "MNIST" if args.data_dir else "random",
-                             "malloc_settings": " ".join(f"{name}={os.environ[name]}" for name in MALLOC_SETTINGS
+                             "malloc_settings": " ".join(f"{name}={os.environ[name]}"
+                                                         for name in MALLOC_SETTINGS
                                                          if name in os.environ)}
         seconds = {batch_size: ([], []) for batch_size in (32, 128)}  # ours, the quick start's
         for _ in range(args.rounds):  # both batch sizes in every round: drift hits them alike
             for batch_size in seconds:
-                seconds[batch_size][0].append(time_ours(jitted, images, labels, batch_size, args.steps, mesh))
-                seconds[batch_size][1].append(time_quickstart(images, labels, batch_size, args.steps))
+                ours, theirs = seconds[batch_size]
+                ours.append(time_ours(jitted, images, labels, batch_size, args.steps, mesh))
+                theirs.append(time_quickstart(images, labels, batch_size, args.steps))
         for batch_size in seconds:
             ours, theirs = (statistics.median(s) for s in seconds[batch_size])
-            figures[f"batch{batch_size}"] = {"ours_steps_per_s": 1 / ours, "quickstart_steps_per_s": 1 / theirs,
-                                             "ours_images_per_s": batch_size / ours, "speedup": theirs / ours}
-            rows += [(f"train, batch {batch_size}, ours", f"{1 / ours:.1f} steps/s, {batch_size / ours:.0f} images/s"),
+            figures[f"batch{batch_size}"] = {"ours_steps_per_s": 1 / ours,
+                                             "quickstart_steps_per_s": 1 / theirs,
+                                             "ours_images_per_s": batch_size / ours,
+                                             "speedup": theirs / ours}
+            rows += [(f"train, batch {batch_size}, ours",
+                      f"{1 / ours:.1f} steps/s, {batch_size / ours:.0f} images/s"),
                      (f"train, batch {batch_size}, quick start's way", f"{1 / theirs:.1f} steps/s, "
                       f"{batch_size / theirs:.0f} images/s"),
                      (f"train, batch {batch_size}, speed-up", f"{theirs / ours:.2f}x"),
@@ -305,33 +331,40 @@ def main():
         state = jax.device_put(new_state(), NamedSharding(mesh, P()))
         _, run_eval_step = train.data_parallel(mesh, *jitted, True)
         train.evaluate(run_eval_step, state, test_images, test_labels)
-        eval_seconds = min(time_it(lambda: train.evaluate(run_eval_step, state, test_images, test_labels))
-                           for _ in range(3))
+        eval_seconds = min(time_it(lambda: train.evaluate(run_eval_step, state, test_images,
+                                                          test_labels)) for _ in range(3))
         flops = train_step_flops(jitted[0], 32)
         achieved = flops * figures["batch32"]["ours_images_per_s"] / 1e9
-        figures.update(eval_seconds=eval_seconds, train_flops_per_image=flops, achieved_gflops=achieved)
+        figures.update(eval_seconds=eval_seconds, train_flops_per_image=flops,
+                       achieved_gflops=achieved)
         rows += [(f"evaluate {len(test_images)} test images", f"{eval_seconds:.3f} s"),
                  ("train step FLOPs per image (XLA)", f"{flops / 1e6:.1f} MFLOP")]
         if jax.default_backend() == "cpu":  # a GPU's matmul peak says nothing of a batch-32 step
             figures["matmul_gflops"] = matmuls = matmul_gflops()
             fastest = max(matmuls, key=matmuls.get)
             rows += [("float32 matmul, best of 1024² and 2048²",
-                      ", ".join(f"{way} {gflops:.0f}" for way, gflops in matmuls.items()) + " GFLOP/s"),
-                     ("achieved at batch 32 / matmul ceiling", f"{achieved:.0f} / {matmuls[fastest]:.0f} GFLOP/s "
+                      ", ".join(f"{way} {gflops:.0f}" for way, gflops in matmuls.items())
+                      + " GFLOP/s"),
+                     ("achieved at batch 32 / matmul ceiling",
+                      f"{achieved:.0f} / {matmuls[fastest]:.0f} GFLOP/s "
                       f"({100 * achieved / matmuls[fastest]:.0f}%, the ceiling from {fastest})")]
         else:
             rows.append(("achieved at batch 32", f"{achieved:.0f} GFLOP/s"))
         breakdown, dispatch_ms = step_breakdown(images, labels, mesh)
-        figures["batch32_breakdown"] = {name: {"ms": ms, "mflop": mflop} for name, ms, mflop, _ in breakdown}
+        figures["batch32_breakdown"] = {name: {"ms": ms, "mflop": mflop}
+                                        for name, ms, mflop, _ in breakdown}
         figures["dispatch_ms"] = dispatch_ms
         workdir = os.path.join(tmp, "workdir")
         train_seconds, train_mb = time_process(["train.py", "--epochs", "1", "--data-dir", data_dir,
                                                 "--workdir", workdir])
-        infer_seconds, _ = time_process(["infer.py", "--ckpt", os.path.join(workdir, outputs.CHECKPOINT),
+        infer_seconds, _ = time_process(["infer.py", "--ckpt",
+                                         os.path.join(workdir, outputs.CHECKPOINT),
                                          "--data-dir", data_dir], until="test epoch")
-        cache = {"XDG_CACHE_HOME": os.path.join(tmp, "cache")}  # empty, then filled by the first start
-        first_step = [time_process(["-c", FIRST_STEP, "--data-dir", data_dir, "--workdir", workdir],
-                                   until="first step done", env=cache)[0] for _ in ("cold", "warm")]
+        cache = {"XDG_CACHE_HOME": os.path.join(tmp, "cache")}  # empty, then filled by the first
+        first_step = [time_process(["-c", FIRST_STEP, "--data-dir", data_dir, "--workdir",
+                                    os.path.join(tmp, cache_state)],  # a fresh run's workdir
+                                   until="first step done", env=cache)[0]
+                      for cache_state in ("cold", "warm")]
         figures.update(train_1_epoch_seconds=train_seconds, train_peak_mb=train_mb,
                        infer_to_accuracy_seconds=infer_seconds, first_step_seconds=first_step)
         rows += [("python train.py --epochs 1: wall time", f"{train_seconds:.1f} s"),
@@ -345,15 +378,17 @@ def main():
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    print(f"\nA batch-32 train step, part by part (each part jitted and timed alone, {jax.default_backend()}):")
+    print(f"\nA batch-32 train step, part by part (each part jitted and timed alone, "
+          f"{jax.default_backend()}):")
     width = max(len(name) for name, *_ in breakdown)
     print(f"{'part':<{width}}  {'ms':>6}  {'MFLOP':>6}  {'GFLOP/s':>7}")
     for name, ms, mflop, gflops in breakdown:
-        print(f"{name:<{width}}  {ms:6.3f}  {mflop:6.1f}  {gflops:7.1f}" if mflop else f"{name:<{width}}  {ms:6.3f}")
+        print(f"{name:<{width}}  {ms:6.3f}" + (f"  {mflop:6.1f}  {gflops:7.1f}" if mflop else ""))
     print(f"{'sum of the parts':<{width}}  {sum(ms for _, ms, _, _ in breakdown):6.3f}  "
           f"{sum(mflop for _, _, mflop, _ in breakdown):6.1f}")
     print(f"{'(each part includes one empty call:':<{width}}  {dispatch_ms:6.3f})")
-    print(f"{'the whole step, as train.py runs it':<{width}}  {1e3 / figures['batch32']['ours_steps_per_s']:6.3f}  "
+    step_ms = 1e3 / figures["batch32"]["ours_steps_per_s"]
+    print(f"{'the whole step, as train.py runs it':<{width}}  {step_ms:6.3f}  "
           f"{32 * figures['train_flops_per_image'] / 1e6:6.1f}  {figures['achieved_gflops']:7.1f}")
     if args.json:
         with open(args.json, "w") as f:

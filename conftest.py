@@ -23,7 +23,8 @@ from model import CNN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MNIST_DATA_DIR = os.environ.get("MNIST_DATA_DIR")
-EPOCH_LINE = re.compile(r"^(train|test) epoch: (\d+), loss: (\d+\.\d{5}), accuracy: (\d+\.\d\d)$", re.M)
+EPOCH_LINE = re.compile(r"^(train|test) epoch: (\d+), loss: (\d+\.\d{5}), accuracy: (\d+\.\d\d)$",
+                        re.M)
 
 
 def write_idx(path, array, gz=True):
@@ -68,7 +69,7 @@ def epoch_lines(stdout):
 
 def numpy_metrics(params, images, labels):
     """Reference (loss, accuracy %) in numpy from the model's logits."""
-    logits = np.asarray(CNN().apply({"params": params}, images.astype(np.float32) / 255), np.float64)
+    logits = np.asarray(CNN().apply({"params": params}, images), np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = -log_probs[np.arange(len(labels)), labels].mean()
@@ -106,7 +107,8 @@ def closed_port():
 
 def proxy_settings(port):
     """Environment that sends every HTTP and HTTPS request through a proxy on 127.0.0.1:port."""
-    return {name: f"http://127.0.0.1:{port}" for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")}
+    return {name: f"http://127.0.0.1:{port}"
+            for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")}
 
 
 def fill_tfds_cache(tfds_data_dir, data_dir):
@@ -154,19 +156,21 @@ def run_main(capsys):
     return run
 
 
-# --- processes: for what only a process shows (exit on signals, kills, full runs, several processes) ---
+# --- processes: what only a process shows (signals, kills, full runs, several processes) ---
 
 def start_script(script, *args, env=None, stderr=subprocess.PIPE):
     """Starts one of the scripts as a user would, with its output piped."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=stderr, text=True, cwd=HERE, env={**os.environ, **(env or {})})
+    return subprocess.Popen([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=HERE,
+                            env={**os.environ, **(env or {})})
 
 
 def finish(processes, timeout=300):
     """The CompletedProcess of each started process; all are killed if one outlives timeout."""
     try:
         results = [p.communicate(timeout=timeout) for p in processes]
-        return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(processes, results)]
+        return [subprocess.CompletedProcess(p.args, p.returncode, out, err)
+                for p, (out, err) in zip(processes, results)]
     finally:
         for p in processes:
             p.kill()
@@ -183,7 +187,8 @@ def compilation_cache(tmp_path_factory):
     """This process and the scripts it starts share a JAX compilation cache in the run's temporary
     folder; scripts keep GPU memory they do not use free for the others."""
     settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+                "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
     previous = {name: getattr(jax.config, name) for name in settings}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in settings.items():
@@ -211,7 +216,8 @@ def trained(data_dir, tmp_path_factory):
     workdir, tfds_dir = tmp_path_factory.mktemp("trained"), tmp_path_factory.mktemp("tfds")
     fill_tfds_cache(tfds_dir, data_dir)
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {**proxy_settings(closed_port()), "TFDS_DATA_DIR": str(tfds_dir)}.items():
+        settings = {**proxy_settings(closed_port()), "TFDS_DATA_DIR": str(tfds_dir)}
+        for name, value in settings.items():
             patch.setenv(name, value)
         stdout = train_here("--epochs", 2, "--workdir", workdir)
     return workdir, stdout
@@ -247,7 +253,7 @@ def exported(trained, trained_state, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_exported(real_trained):
-    """The real MNIST checkpoint's state and its ONNX export's bytes (a conversion takes seconds)."""
+    """The real MNIST checkpoint's state and its ONNX export's bytes (converting takes a while)."""
     import export
 
     state = load_checkpoint(real_trained[0] / "checkpoint.msgpack")[0]

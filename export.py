@@ -1,4 +1,4 @@
-"""Exports a checkpoint of train.py for other runtimes: `python export.py model.onnx model.jax [--ckpt PATH]`.
+"""Exports a checkpoint for other runtimes: `python export.py model.onnx model.jax [--ckpt PATH]`.
 
 The exported function takes images as MNIST stores them, uint8 [N, 28, 28, 1] with any N, and
 returns class probabilities, float32 [N, 10]. The format follows the file name:
@@ -44,7 +44,7 @@ def to_onnx_bytes(state):
     """The classifier as an ONNX model, serialized; input 'images', output 'probabilities'."""
     from jax2onnx import to_onnx
 
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # warns of untyped shape constants it skips
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # warns of untyped constants it skips
     model = to_onnx(classifier(state), [images_spec()], opset=ONNX_OPSET, model_name="mnist_cnn",
                     input_names=["images"], output_names=["probabilities"])
     return model.SerializeToString()
@@ -57,8 +57,9 @@ def to_jax_bytes(state):
 
     exported = jax.export.export(jax.jit(classifier(state)), platforms=JAX_PLATFORMS)(images_spec())
     module = stablehlo.deserialize_portable_artifact_str(exported.mlir_module_serialized)
-    target = stablehlo.get_smaller_version(OLDEST_STABLEHLO, stablehlo.get_version_from_compatibility_requirement(
-        stablehlo.StablehloCompatibilityRequirement.WEEK_4))  # JAX's own choice, where older
+    jax_choice = stablehlo.get_version_from_compatibility_requirement(
+        stablehlo.StablehloCompatibilityRequirement.WEEK_4)
+    target = stablehlo.get_smaller_version(OLDEST_STABLEHLO, jax_choice)  # JAX's, where older
     exported = dataclasses.replace(
         exported, mlir_module_serialized=stablehlo.serialize_portable_artifact_str(module, target))
     return bytes(exported.serialize())
@@ -84,7 +85,8 @@ def destination_problem(path):
 
 def parse_args(argv=None):
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="+", help="files to write: *.onnx, *.jax")
     parser.add_argument("--ckpt", default=DEFAULT_CHECKPOINT,
@@ -97,20 +99,23 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Writes each export whole or not at all; every error a user can cause is one line on stderr."""
+    """Writes each export whole or not at all; every error a user can cause is one line."""
     args = parse_args(argv)
     try:
         state, epoch, _, _ = outputs.load_checkpoint(args.ckpt)
         for path in args.out:
             start = time.perf_counter()
             outputs.write_atomic(path, FORMATS[os.path.splitext(path)[1]](state))
-            loads = f", JAX {jax.__version__}; loads in JAX {OLDEST_JAX} and newer" if path.endswith(".jax") else ""
-            print(f"wrote {path}: epoch {epoch} of {args.ckpt}, {os.path.getsize(path) / 1e6:.1f} MB, "
-                  f"{time.perf_counter() - start:.1f} s{loads}")
+            loads = (f", JAX {jax.__version__}; loads in JAX {OLDEST_JAX} and newer"
+                     if path.endswith(".jax") else "")
+            seconds, megabytes = time.perf_counter() - start, os.path.getsize(path) / 1e6
+            print(f"wrote {path}: epoch {epoch} of {args.ckpt}, {megabytes:.1f} MB, "
+                  f"{seconds:.1f} s{loads}")
     except outputs.CheckpointError as e:
         sys.exit(f"error: {e}")
-    except OSError as e:  # the disk filled up, or the folder went away or turned read-only, while writing
-        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; {outputs.what_to_do(e)} or pick another folder")
+    except OSError as e:  # the disk filled up, or the folder went away or turned read-only
+        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; {outputs.what_to_do(e)} or pick "
+                 f"another folder")
     except KeyboardInterrupt:  # write_atomic removed its temp file
         sys.exit("interrupted; no partial file was left")
 

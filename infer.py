@@ -21,8 +21,8 @@ DEFAULT_CHECKPOINT = os.path.join("workdir", outputs.CHECKPOINT)
 # takes several times the time and memory (PERFORMANCE.md, section 7).
 MAX_SIDE = 512
 # What Pillow raises on damaged or unsupported files, from its source: OSError and SyntaxError, its
-# own; ValueError ("Truncated IHDR chunk": test_fuzz.py found three kinds); EOFError and struct.error,
-# where a parser (GIF and PNG frames; ICNS, DDS, BLP) reads past the end of its data.
+# own; ValueError ("Truncated IHDR chunk": test_fuzz.py found three kinds); EOFError and
+# struct.error, where a parser (GIF and PNG frames; ICNS, DDS, BLP) reads past the end of its data.
 PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
@@ -37,11 +37,11 @@ def read_picture(path):
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's notes on damage it reads past ("Corrupt EXIF data")
+            warnings.simplefilter("ignore")  # notes on damage it reads past ("Corrupt EXIF data")
             # Above MAX_IMAGE_PIXELS Pillow only warns; 2x above, it refuses.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG: decoded at 1/2 to 1/8 of its size
+                image.draft(image.mode, (MAX_SIDE, MAX_SIDE))  # JPEG: decoded at 1/2 to 1/8 size
                 image.thumbnail((MAX_SIDE, MAX_SIDE))
                 layers = pixel_layers(ImageOps.exif_transpose(image))
     except FileNotFoundError:
@@ -53,7 +53,9 @@ def read_picture(path):
     except PILLOW_ERRORS as e:
         if getattr(e, "errno", None):  # the file system's: no permission, a folder, ...
             raise ImageError(f"cannot read {path}: {e.strerror}") from None
-        raise ImageError(f"{path} cannot be decoded ({e or type(e).__name__}); is it damaged or cut short?") from None
+        reason = e or type(e).__name__
+        raise ImageError(f"{path} cannot be decoded ({reason}); is it damaged or cut short?"
+                         ) from None
     return viewed_gray(*layers)
 
 
@@ -155,8 +157,9 @@ def parse_args(argv=None):
                         help="checkpoint of train.py (no value: train.py's default)")
     parser.add_argument("--image", nargs="+", metavar="FILE",
                         help="pictures to classify: PNG, JPEG, GIF, TIFF, WebP, ...")
-    parser.add_argument("--data-dir", help="folder with the four IDX files; default: download through TFDS")
-    parser.add_argument("--out", help="the 5x5 prediction grid (default: predictions.png beside --ckpt)")
+    parser.add_argument("--data-dir", help="folder with the four IDX files; default: download them")
+    parser.add_argument("--out", help="the 5x5 prediction grid; default: predictions.png in "
+                        "--ckpt's folder")
     return parser.parse_args(argv)
 
 
@@ -167,12 +170,13 @@ def run(args):
         images = np.stack([mnist_like(path) for path in args.image])
         for path, probs in zip(args.image, np.asarray(predict(state, images))):
             first, second, third = np.argsort(probs)[::-1][:3]
-            print(f"{path}: {first} ({100 * probs[first]:.1f}%), then {second} ({100 * probs[second]:.1f}%), "
-                  f"{third} ({100 * probs[third]:.1f}%)")
+            print(f"{path}: {first} ({100 * probs[first]:.1f}%), then {second} "
+                  f"({100 * probs[second]:.1f}%), {third} ({100 * probs[third]:.1f}%)")
         return
     images, labels = input_pipeline.load_dataset(config.dataset, args.data_dir, ["test"])["test"]
     tested = evaluate(state, images, labels)
-    print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}", flush=True)
+    print(f"test epoch: {epoch}, loss: {tested['loss']:.5f}, accuracy: {tested['accuracy']:.2f}",
+          flush=True)
     predicted = np.asarray(predict(state, images[:25])).argmax(-1)
     print("predicted:", " ".join(map(str, predicted)))
     print("true:     ", " ".join(map(str, labels[:25])))
@@ -190,7 +194,8 @@ def main(argv=None):
     except (outputs.CheckpointError, input_pipeline.DataError, ImageError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # writing --out: a full disk, a read-only folder, ...
-        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; {outputs.what_to_do(e)} or pick another folder")
+        sys.exit(f"error: cannot write {e.filename}: {e.strerror}; {outputs.what_to_do(e)} or pick "
+                 f"another folder")
 
 
 if __name__ == "__main__":

@@ -25,30 +25,35 @@ STROKES = {
 
 def demo_version():
     """The onnxruntime-web version demo.html pins."""
-    return re.search(r'const ORT_VERSION = "([^"]+)"', pathlib.Path(HERE, "demo.html").read_text()).group(1)
+    page = pathlib.Path(HERE, "demo.html").read_text()
+    return re.search(r'const ORT_VERSION = "([^"]+)"', page).group(1)
 
 
 @pytest.fixture(scope="module")
 def ort_web():
     """The onnxruntime-web files the page loads, from npm's package in .web; skips without them."""
     if not all((ORT_WEB / "dist" / name).exists() for name in ORT_WEB_FILES):
-        pytest.skip(f"no onnxruntime-web in .web (npm install --prefix .web onnxruntime-web@{demo_version()})")
+        pytest.skip(f"no onnxruntime-web in .web (npm install --prefix .web "
+                    f"onnxruntime-web@{demo_version()})")
     return ORT_WEB
 
 
 @pytest.fixture(scope="module")
 def browser(ort_web, tmp_path_factory):
-    """Debian's headless Chromium under selenium; skips with what to install where a piece is missing."""
+    """Debian's headless Chromium under selenium; without a piece, a skip naming what to install."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        pytest.skip("no chromium and chromedriver on PATH (apt-get install chromium chromium-driver)")
+        pytest.skip("no chromium and chromedriver on PATH (apt-get install chromium "
+                    "chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync",
                  "--window-size=640,600", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+    service = webdriver.ChromeService(shutil.which("chromedriver"))
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         yield driver
     finally:
@@ -71,11 +76,13 @@ def serve(tmp_path):
     def start(model):
         folder = tmp_path / f"site{len(servers)}"
         folder.mkdir()
-        for path in [pathlib.Path(HERE, "demo.html")] + [ORT_WEB / "dist" / name for name in ORT_WEB_FILES]:
+        files = [pathlib.Path(HERE, "demo.html")] + [ORT_WEB / "dist" / n for n in ORT_WEB_FILES]
+        for path in files:
             (folder / path.name).symlink_to(path)
         if model is not None:
             (folder / "model.onnx").write_bytes(model)
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        handler = functools.partial(Handler, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_port}/demo.html"
@@ -93,7 +100,8 @@ def open_demo(browser, url):
     start = time.perf_counter()
     browser.get(url)
     WebDriverWait(browser, 60).until(lambda b: b.execute_script(
-        "return 'ready' in document.body.dataset || document.getElementById('status').classList.contains('problem')"))
+        "return 'ready' in document.body.dataset"
+        " || document.getElementById('status').classList.contains('problem')"))
     return time.perf_counter() - start
 
 
@@ -122,15 +130,19 @@ def page_reading(browser):
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(browser, 30).until(lambda b: b.execute_script(
-        "return document.getElementById('top3').dataset.version === document.getElementById('pad').dataset.version"))
+        "return document.getElementById('top3').dataset.version"
+        " === document.getElementById('pad').dataset.version"))
     png, seen, probabilities, listed = browser.execute_script("""
-        const seen = document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data;
+        const seen = document.getElementById('seen').getContext('2d')
+            .getImageData(0, 0, 28, 28).data;
         const top3 = document.getElementById('top3');
         return [document.getElementById('pad').toDataURL('image/png'), Array.from(seen),
-                top3.dataset.probabilities || null, Array.from(top3.children, (item) => item.dataset.digit)];""")
+                top3.dataset.probabilities || null,
+                Array.from(top3.children, (item) => item.dataset.digit)];""")
     picture = np.array(seen, np.uint8).reshape(28, 28, 4)[..., :1]
-    return (base64.b64decode(png.split(",", 1)[1]), picture,
-            None if probabilities is None else np.array(json.loads(probabilities), np.float32), [int(c) for c in listed])
+    if probabilities is not None:
+        probabilities = np.array(json.loads(probabilities), np.float32)
+    return base64.b64decode(png.split(",", 1)[1]), picture, probabilities, [int(c) for c in listed]
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +175,13 @@ def test_demo_page_reads_drawn_digits_as_infer_does(browser, serve, demo_model, 
         assert listed == list(np.argsort(-expected)[:3]), digit
         assert np.abs(probabilities - expected).max() < 1e-5, digit
         status = browser.find_element("id", "status").text
-        print(f"drew a {digit} ({pointers[i % len(pointers)]}): the page reads a {listed[0]}, {status!r}; "
-              f"its picture {np.abs(picture.astype(int) - expected_picture).max()} from mnist_like's at most, "
-              f"probabilities {np.abs(probabilities - expected).max():.2g} from infer.py's")
+        print(f"drew a {digit} ({pointers[i % len(pointers)]}): the page reads a {listed[0]}, "
+              f"{status!r}; its picture {np.abs(picture.astype(int) - expected_picture).max()} "
+              f"from mnist_like's at most, probabilities "
+              f"{np.abs(probabilities - expected).max():.2g} from infer.py's")
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(tmp_path / "demo.png"))
-    if os.environ.get("DEMO_SCREENSHOT"):  # DEMO_SCREENSHOT=docs/demo.png makes the README's picture
+    if os.environ.get("DEMO_SCREENSHOT"):  # DEMO_SCREENSHOT=docs/demo.png: the README's picture
         shutil.copy(tmp_path / "demo.png", os.environ["DEMO_SCREENSHOT"])
     browser.find_element("id", "clear").click()
     assert page_reading(browser)[2:] == (None, [])
@@ -176,26 +189,31 @@ def test_demo_page_reads_drawn_digits_as_infer_does(browser, serve, demo_model, 
 
 
 @pytest.mark.parametrize("model, message", [
-    (None, r"^No model.onnx beside this page: run `python export.py model.onnx` in this folder, then reload.$"),
-    (b"not a model", r"^model.onnx does not load \(.+\): export it again with `python export.py model.onnx`.$"),
+    (None, r"^No model.onnx beside this page: run `python export.py model.onnx` in this folder, "
+           r"then reload.$"),
+    (b"not a model", r"^model.onnx does not load \(.+\): export it again with `python export.py "
+                     r"model.onnx`.$"),
 ])
 def test_demo_page_says_what_is_wrong_with_the_model(browser, serve, model, message):
     open_demo(browser, serve(model))
     status = browser.find_element("id", "status")
-    assert "problem" in status.get_attribute("class") and re.match(message, status.text), status.text
+    assert "problem" in status.get_attribute("class"), status.text
+    assert re.match(message, status.text), status.text
 
 
 def test_demo_page_opened_as_a_file_says_to_serve_it(browser):
     open_demo(browser, pathlib.Path(HERE, "demo.html").as_uri())
-    assert browser.find_element("id", "status").text.startswith("Open this page through a web server")
+    status = browser.find_element("id", "status").text
+    assert status.startswith("Open this page through a web server")
 
 
 def test_demo_page_pins_the_onnxruntime_web_it_is_tested_with(ort_web):
-    """The CDN fallback is the version the tests load from .web, and its integrity hash that file's."""
+    """The CDN fallback is the version the tests load from .web, its integrity hash that file's."""
     import base64
     import hashlib
 
     page = pathlib.Path(HERE, "demo.html").read_text()
     assert json.loads((ort_web / "package.json").read_text())["version"] == demo_version()
-    digest = base64.b64encode(hashlib.sha384((ort_web / "dist" / "ort.wasm.min.js").read_bytes()).digest()).decode()
+    script = (ort_web / "dist" / "ort.wasm.min.js").read_bytes()
+    digest = base64.b64encode(hashlib.sha384(script).digest()).decode()
     assert f'const ORT_INTEGRITY = "sha384-{digest}";' in page

@@ -64,7 +64,7 @@ def fuzz(tmp_path, name, originals, read, expected_error, cases):
             kept = tmp_path / f"crash-{case}-{original_name}"
             path.rename(kept)
             pytest.fail(f"FUZZ_SEED={SEED} case {case}: {kept} raised {type(e).__name__}: {e}")
-    assert outcomes["refused"] > cases * SCALE / 4, outcomes  # the damage reached the readers' checks
+    assert outcomes["refused"] > cases * SCALE / 4, outcomes  # damage reached the readers' checks
     return outcomes
 
 
@@ -72,7 +72,8 @@ def fuzz(tmp_path, name, originals, read, expected_error, cases):
 
 def idx_bytes(array):
     """The bytes of a raw IDX file of a uint8 array."""
-    return bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape) + array.tobytes()
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    return header + array.tobytes()
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -95,7 +96,8 @@ def test_damaged_idx_files_load_or_raise_data_error(tmp_path, gz):
 
     originals = dict(good)
     if gz:
-        originals.update({f"{kind}-compressed": gzip.compress(data, 1) for kind, data in good.items()})
+        originals.update({f"{kind}-compressed": gzip.compress(data, 1)
+                          for kind, data in good.items()})
     fuzz(tmp_path, f"idx{suffix}", originals, read, input_pipeline.DataError, 1500)
 
 
@@ -131,18 +133,19 @@ class Tiny(nn.Module):
 
 def test_damaged_checkpoints_load_or_raise_checkpoint_error(tmp_path):
     """What --resume, infer.py --ckpt and export.py --ckpt read: outputs.load_checkpoint."""
-    history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.0, "test_loss": 0.4, "test_accuracy": 91.0,
-                "epoch_time": 1.0} for e in (1, 2)]
+    history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.0, "test_loss": 0.4,
+                "test_accuracy": 91.0, "epoch_time": 1.0} for e in (1, 2)]
     config = RunConfig(data_dir="/data")
     outputs.save(tmp_path, create_train_state(Tiny(), config, MNIST_IMAGE), 2, config, history)
-    fuzz(tmp_path, "checkpoint", {"checkpoint.msgpack": (tmp_path / "checkpoint.msgpack").read_bytes()},
+    good = (tmp_path / "checkpoint.msgpack").read_bytes()
+    fuzz(tmp_path, "checkpoint", {"checkpoint.msgpack": good},
          lambda path: outputs.load_checkpoint(path, Tiny()), outputs.CheckpointError, 1500)
 
 
 # --- pictures ---
 
-PICTURE_FORMATS = {"png": {}, "jpeg": {"quality": 90}, "gif": {}, "tiff": {"compression": "tiff_lzw"},
-                   "webp": {"quality": 80}, "bmp": {}}
+PICTURE_FORMATS = {"png": {}, "jpeg": {"quality": 90}, "gif": {},
+                   "tiff": {"compression": "tiff_lzw"}, "webp": {"quality": 80}, "bmp": {}}
 
 
 def pictures():
@@ -151,7 +154,8 @@ def pictures():
 
     image = Image.new("RGB", (40, 40), "white")
     ImageDraw.Draw(image).line([(8, 8), (30, 8), (16, 34)], fill="black", width=4)
-    variants = {"png": [image, image.convert("LA"), image.convert("P")], "jpeg": [image, image.convert("L")],
+    variants = {"png": [image, image.convert("LA"), image.convert("P")],
+                "jpeg": [image, image.convert("L")],
                 "gif": [image.convert("P")], "tiff": [image, image.convert("I;16")],
                 "webp": [image, image.convert("RGBA")], "bmp": [image, image.convert("P")]}
     files = {}

@@ -44,7 +44,8 @@ def machinery_steps(unroll=True):
 def test_parse_idx_reads_raw_and_gz(tmp_path, gz):
     images = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8).reshape(3, 28, 28)
     write_idx(tmp_path / "x", images, gz)
-    parsed = input_pipeline.parse_idx(str(tmp_path / ("x.gz" if gz else "x")), input_pipeline.IMAGES_MAGIC)
+    path = str(tmp_path / ("x.gz" if gz else "x"))
+    parsed = input_pipeline.parse_idx(path, input_pipeline.IMAGES_MAGIC)
     np.testing.assert_array_equal(parsed, images)
 
 
@@ -62,7 +63,8 @@ def test_train_batches_shapes_order_and_dropped_remainder():
     labels = np.arange(103, dtype=np.int32)
 
     def order(seed, epoch):
-        return np.concatenate([b["label"] for b in train.train_batches(images, labels, 10, seed, epoch)])
+        batches = train.train_batches(images, labels, 10, seed, epoch)
+        return np.concatenate([b["label"] for b in batches])
     batches = list(train.train_batches(images, labels, 10, 0, 1))
     assert [b["image"].shape for b in batches] == [(10, 1, 1, 1)] * 10
     assert all(b["image"].dtype == np.uint8 and b["label"].dtype == np.int32 for b in batches)
@@ -141,7 +143,8 @@ def test_the_jitted_steps_lower_trace_and_eval_shape():
     batch = {"image": jnp.zeros((32, 28, 28, 1), jnp.uint8), "label": jnp.zeros(32, jnp.int32)}
     stack = jax.tree.map(lambda a: jnp.stack([a] * 5), batch)
     jitted_train, jitted_eval = train.jit_steps()
-    for jitted, args in ((jitted_train, (fresh_state(), stack, True)), (jitted_eval, (fresh_state(), batch))):
+    for jitted, args in ((jitted_train, (fresh_state(), stack, True)),
+                         (jitted_eval, (fresh_state(), batch))):
         assert jitted.trace(*args).jaxpr is not None
         sums = jitted.eval_shape(*args)
         sums = sums[1] if isinstance(sums, tuple) else sums  # train_steps: (state, sums)
@@ -153,7 +156,8 @@ def test_the_jitted_steps_lower_trace_and_eval_shape():
 def test_a_call_of_one_step_has_no_loop():
     """An epoch's last call may hold one step (--batch-size 90: 133 calls of 5, one of 1). As a
     one-step lax.scan it was a while loop, in which XLA:CPU ran the step 20x slower."""
-    one = {"image": jnp.zeros((1, 32, 28, 28, 1), jnp.uint8), "label": jnp.zeros((1, 32), jnp.int32)}
+    one = {"image": jnp.zeros((1, 32, 28, 28, 1), jnp.uint8),
+           "label": jnp.zeros((1, 32), jnp.int32)}
     five = jax.tree.map(lambda a: jnp.concatenate([a] * 5), one)
     jitted_train, _ = train.jit_steps()
     assert "while" not in jitted_train.lower(fresh_state(), one, True).as_text()
@@ -162,12 +166,13 @@ def test_a_call_of_one_step_has_no_loop():
 
 
 def test_evaluate_matches_numpy_with_uneven_last_batch(data_dir):
-    """The recipe's evaluate and the machinery's agree with numpy over 1015 images (last batch 15)."""
+    """The recipe's evaluate and the machinery's agree with numpy on 1015 images (last batch 15)."""
     images, labels = input_pipeline.load_dataset("mnist", data_dir)["test"]
     images, labels = np.concatenate([images] * 5), np.concatenate([labels] * 5)
     expected_loss, expected_accuracy = numpy_metrics(fresh_state().params, images, labels)
     _, run_eval_step, on_mesh = machinery_steps()
-    for step, state in ((jax.jit(train.eval_step), fresh_state()), (run_eval_step, on_mesh(fresh_state()))):
+    for step, state in ((jax.jit(train.eval_step), fresh_state()),
+                        (run_eval_step, on_mesh(fresh_state()))):
         tested = train.evaluate(step, state, images, labels)
         assert tested["loss"] == pytest.approx(expected_loss, rel=1e-5)
         assert tested["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
@@ -183,7 +188,8 @@ def test_train_epoch_metrics_match_numpy(data_dir):
     batches = train.train_batches(images, labels, 32, 0, 1)
     _, trained = train.train_epoch(run_train_step, on_mesh(fresh_state(Config(learning_rate=0.0))),
                                    train.stacks(batches, 5))
-    seen = np.concatenate([b["label"] for b in train.train_batches(np.arange(300), np.arange(300), 32, 0, 1)])
+    order = train.train_batches(np.arange(300), np.arange(300), 32, 0, 1)
+    seen = np.concatenate([b["label"] for b in order])
     expected_loss, expected_accuracy = numpy_metrics(params, images[seen], labels[seen])
     assert trained["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert trained["accuracy"] == pytest.approx(expected_accuracy, abs=1e-9)
@@ -200,9 +206,11 @@ def test_the_machinery_trains_like_the_recipe(data_dir, capsys):
         steps = None
         if unroll is not None:
             run_train_step, run_eval_step, on_mesh = machinery_steps(unroll)
-            steps = (run_train_step, run_eval_step, lambda batches, k=calls: train.stacks(batches, k))
+            steps = (run_train_step, run_eval_step,
+                     lambda batches, k=calls: train.stacks(batches, k))
         state = fresh_state() if steps is None else on_mesh(fresh_state())
-        state, history = train.train_and_evaluate(state, data["train"], data["test"], config, steps=steps)
+        state, history = train.train_and_evaluate(state, data["train"], data["test"], config,
+                                                  steps=steps)
         logs.append(epoch_lines(capsys.readouterr().out))
         states.append(state)
     assert [line[:2] for line in logs[0]] == [("train", 1), ("test", 1)]
@@ -211,8 +219,8 @@ def test_the_machinery_trains_like_the_recipe(data_dir, capsys):
     # on JAX 0.10.2); parameters, to 1e-2 of a leaf's largest value (the rolled scan, JAX 0.11.2).
     for log in logs[1:]:
         assert [line[:2] for line in log] == [line[:2] for line in logs[0]]
-        for (_, _, loss, accuracy), (split, _, expected_loss, expected_accuracy) in zip(log, logs[0]):
-            assert loss == pytest.approx(expected_loss, rel=1e-5 if split == "train" else 1e-3, abs=1e-5)
+        for (_, _, loss, accuracy), (split, _, expected, expected_accuracy) in zip(log, logs[0]):
+            assert loss == pytest.approx(expected, rel=1e-5 if split == "train" else 1e-3, abs=1e-5)
             assert accuracy == pytest.approx(expected_accuracy, abs=0.2)  # one image in 640 is 0.16
     for state in states[1:]:
         for a, b in zip(jax.tree.leaves(states[0].params), jax.tree.leaves(state.params)):
@@ -232,14 +240,16 @@ def test_a_newcomers_model_and_arrays_train_with_the_recipe_alone(data_dir, caps
     """What README's "Copy the recipe" promises: their model, their float arrays, one device,
     train_and_evaluate with its defaults."""
     data = input_pipeline.load_dataset("mnist", data_dir)
-    (x_train, y_train), (x_test, y_test) = [(x.astype(np.float32) / 255, y) for x, y in data.values()]
+    (x_train, y_train), (x_test, y_test) = [(x.astype(np.float32) / 255, y)
+                                            for x, y in data.values()]
     config = Config(epochs=3)
     state = create_train_state(MLP(), config, x_train[:1])
     assert sum(p.size for p in jax.tree.leaves(state.params)) == 784 * 64 + 64 + 64 * 10 + 10
     state, history = train.train_and_evaluate(state, (x_train, y_train), (x_test, y_test), config)
     assert [record["epoch"] for record in history] == [1, 2, 3]
     assert len(epoch_lines(capsys.readouterr().out)) == 6
-    assert history[-1]["test_loss"] < history[0]["test_loss"] / 2 and history[-1]["test_accuracy"] >= 90
+    assert history[-1]["test_loss"] < history[0]["test_loss"] / 2
+    assert history[-1]["test_accuracy"] >= 90
 
 
 def test_short_run_learns_synthetic_digits(trained):
@@ -248,7 +258,8 @@ def test_short_run_learns_synthetic_digits(trained):
     assert lines[-1][3] >= 95.0 and lines[-1][2] < lines[1][2]
 
 
-def test_an_xla_option_unknown_to_xla_is_left_out_once(data_dir, trained, tmp_path, monkeypatch, capsys):
+def test_an_xla_option_unknown_to_xla_is_left_out_once(data_dir, trained, tmp_path, monkeypatch,
+                                                        capsys):
     """A release that drops one of our options trains as before, with its default and one line."""
     monkeypatch.setattr(xla, "XLA_OPTIONS", {**xla.XLA_OPTIONS, "xla_made_up_option": True})
     xla.compiler_options.cache_clear()
@@ -260,7 +271,8 @@ def test_an_xla_option_unknown_to_xla_is_left_out_once(data_dir, trained, tmp_pa
     assert epoch_lines(stdout) == epoch_lines(trained[1])[:2]  # the other options still apply
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 1 and notes[0].startswith("note: the XLA of JAX ") and notes[0].endswith(
-        "refuses xla_made_up_option (INVALID_ARGUMENT: No such compile option: 'xla_made_up_option'); "
+        "refuses xla_made_up_option (INVALID_ARGUMENT: No such compile option: "
+        "'xla_made_up_option'); "
         "going on with its default"), notes
 
 
@@ -269,8 +281,10 @@ def test_an_xla_option_unknown_to_xla_is_left_out_once(data_dir, trained, tmp_pa
 def test_resume_gives_the_numbers_of_an_uninterrupted_run(data_dir, trained, tmp_path):
     workdir, two_epochs = trained
     (tmp_path / "resumed").mkdir()
-    (tmp_path / "resumed" / "checkpoint.msgpack").write_bytes((workdir / "checkpoint.msgpack").read_bytes())
-    resumed = train_here("--resume", "--epochs", 3, "--data-dir", data_dir, "--workdir", tmp_path / "resumed")
+    checkpoint = (workdir / "checkpoint.msgpack").read_bytes()
+    (tmp_path / "resumed" / "checkpoint.msgpack").write_bytes(checkpoint)
+    resumed = train_here("--resume", "--epochs", 3, "--data-dir", data_dir, "--workdir",
+                         tmp_path / "resumed")
     straight = train_here("--epochs", 3, "--data-dir", data_dir, "--workdir", tmp_path / "straight")
     assert [line[1] for line in epoch_lines(resumed)] == [3, 3]
     assert epoch_lines(two_epochs + resumed) == epoch_lines(straight)
@@ -283,10 +297,12 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(data_dir, trained, tmp
 
 def test_the_workdir_holds_checkpoint_history_and_plot(trained):
     workdir, stdout = trained
-    assert sorted(os.listdir(workdir)) == [".lock", "checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(workdir)) == [".lock", "checkpoint.msgpack", "history.json",
+                                           "metrics.png"]
     history = json.loads((workdir / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
-    assert (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2)) == epoch_lines(stdout)[-1][2:]
+    last = (round(history[-1]["test_loss"], 5), round(history[-1]["test_accuracy"], 2))
+    assert last == epoch_lines(stdout)[-1][2:]
     assert (workdir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, epoch, config, saved_history = load_checkpoint(workdir / "checkpoint.msgpack")
     assert epoch == 2 and config.dataset == "mnist" and saved_history == history
@@ -296,8 +312,8 @@ def test_checkpoint_round_trip(tmp_path):
     config = RunConfig(batch_size=16, learning_rate=0.05, momentum=0.5, seed=3, data_dir="/data")
     state = fresh_state()  # of other settings: the checkpoint records what it is given
     state = state.replace(opt_state=jax.tree.map(lambda a: a + 1, state.opt_state), step=7)
-    history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25, "test_accuracy": 91.25,
-                "epoch_time": 1.5} for e in (1, 2, 3, 4)]
+    history = [{"epoch": e, "train_loss": 0.5, "train_accuracy": 90.5, "test_loss": 0.25,
+                "test_accuracy": 91.25, "epoch_time": 1.5} for e in (1, 2, 3, 4)]
     outputs.save(tmp_path, state, 4, config, history)
     loaded, epoch, loaded_config, loaded_history = load_checkpoint(tmp_path / "checkpoint.msgpack")
     assert (epoch, loaded_config, loaded_history, int(loaded.step)) == (4, config, history, 7)
@@ -322,7 +338,8 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (
         28, "No space left on device", path)
     assert load_checkpoint(path)[1] == 1
-    assert sorted(os.listdir(tmp_path)) == files == ["checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(tmp_path)) == files == ["checkpoint.msgpack", "history.json",
+                                                     "metrics.png"]
 
 
 def test_plot_ticks_whole_epochs():
@@ -347,11 +364,14 @@ def test_plot_ticks_whole_epochs():
     (["--dataset", "cifar10"], r"--dataset: invalid choice: 'cifar10'"),
     (["--seed", "-1"], r"--seed: must be 0 to 9223372036854775807, got -1"),
     (["--batch-size", "641"], r"--batch-size 641 is larger than the 640 training images"),
-    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], r"--process-id must be 0 to 1, got 2"),
-    (["--coordinator", "127.0.0.1:1"], r"--coordinator, --num-processes and --process-id go together"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+     r"--process-id must be 0 to 1, got 2"),
+    (["--coordinator", "127.0.0.1:1"],
+     r"--coordinator, --num-processes and --process-id go together"),
 ])
 def test_bad_flags(run_main, data_dir, tmp_path, flags, message):
-    assert_clean_error(run_main(train.main, "--data-dir", data_dir, "--workdir", tmp_path, *flags), message)
+    run = run_main(train.main, "--data-dir", data_dir, "--workdir", tmp_path, *flags)
+    assert_clean_error(run, message)
 
 
 def broken_data(folder, damage):
@@ -384,31 +404,40 @@ def broken_data(folder, damage):
 
 @pytest.mark.parametrize("damage, message", [
     ("no folder", r"--data-dir .* is not a folder"),
-    ("missing file", r"has no t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte.gz\); it needs the four"),
+    ("missing file",
+     r"has no t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte.gz\); it needs the four"),
     ("truncated gz", r"cannot read .*train-images-idx3-ubyte.gz"),
     ("wrong magic", r"train-images-idx3-ubyte.gz is not an IDX file of this kind"),
     ("count mismatch", r"has 639 images but .* has 640 labels"),
     ("not 28x28", r"holds 32x32 images, not 28x28"),
-    ("claims 2^31 images", r"train-images-idx3-ubyte.gz is damaged or cut short: its header gives the shape "
-                           r"\(2147483648, 28, 28\), and the data that follows is shorter"),
-    ("zero columns", r"train-images-idx3-ubyte.gz has a damaged header: it gives the shape \(640, 28, 0\)"),
-    ("label 10", r"train-labels-idx1-ubyte.gz is damaged: label 10 at index 5, where labels are 0 to 9"),
+    ("claims 2^31 images",
+     r"train-images-idx3-ubyte.gz is damaged or cut short: its header gives the shape "
+     r"\(2147483648, 28, 28\), and the data that follows is shorter"),
+    ("zero columns",
+     r"train-images-idx3-ubyte.gz has a damaged header: it gives the shape \(640, 28, 0\)"),
+    ("label 10",
+     r"train-labels-idx1-ubyte.gz is damaged: label 10 at index 5, where labels are 0 to 9"),
 ])
 def test_bad_data(run_main, tmp_path, damage, message):
-    folder = tmp_path / "missing" if damage == "no folder" else broken_data(str(tmp_path / "data"), damage)
-    assert_clean_error(run_main(train.main, "--data-dir", folder, "--workdir", tmp_path / "w"), message)
+    if damage == "no folder":
+        folder = tmp_path / "missing"
+    else:
+        folder = broken_data(str(tmp_path / "data"), damage)
+    run = run_main(train.main, "--data-dir", folder, "--workdir", tmp_path / "w")
+    assert_clean_error(run, message)
 
 
-@pytest.mark.parametrize("learning_rate, loss", [("1e20", r"(nan|inf)"), ("1e4", r"\d\.\d+e\+\d+")])
-def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(run_main, data_dir, trained, tmp_path,
-                                                                learning_rate, loss):
+@pytest.mark.parametrize("learning_rate, loss", [("1e20", r"(nan|inf|\d\.\d+e\+\d+)"),
+                                                 ("1e4", r"\d\.\d+e\+\d+")])
+def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(run_main, data_dir, trained,
+                                                                tmp_path, learning_rate, loss):
     """nan, inf, or finite but far above an untrained model's 2.30: the epoch is not saved."""
     state, epoch, config, history = load_checkpoint(trained[0] / "checkpoint.msgpack")
-    outputs.save(tmp_path, state, epoch, dataclasses.replace(config, learning_rate=float(learning_rate)),
-                 history)
+    config = dataclasses.replace(config, learning_rate=float(learning_rate))
+    outputs.save(tmp_path, state, epoch, config, history)
     good = (tmp_path / "checkpoint.msgpack").read_bytes()
-    run = run_main(train.main, "--resume", "--epochs", 3, "--learning-rate", learning_rate, "--data-dir",
-                   data_dir, "--workdir", tmp_path)
+    run = run_main(train.main, "--resume", "--epochs", 3, "--learning-rate", learning_rate,
+                   "--data-dir", data_dir, "--workdir", tmp_path)
     assert_clean_error(run, rf"the loss became {loss} in epoch 3; lower --learning-rate")
     assert (tmp_path / "checkpoint.msgpack").read_bytes() == good
 
@@ -419,12 +448,13 @@ def test_a_workdir_in_use_or_holding_a_run_is_refused_before_training(run_main, 
     shutil.copytree(trained[0], tmp_path / "run")
     before = {name: (tmp_path / "run" / name).read_bytes() for name in os.listdir(tmp_path / "run")}
     run = run_main(train.main, "--epochs", 1, "--data-dir", data_dir, "--workdir", tmp_path / "run")
-    assert_clean_error(run, r"--workdir .*run holds a run already, in checkpoint.msgpack; continue it "
-                            r"with --resume, or pick another --workdir$")
+    assert_clean_error(run, r"--workdir .*run holds a run already, in checkpoint.msgpack; "
+                            r"continue it with --resume, or pick another --workdir$")
     with outputs.claim_workdir(tmp_path / "run", resume=True):  # as another run would hold it
-        run = run_main(train.main, "--resume", "--data-dir", data_dir, "--workdir", tmp_path / "run")
-    assert_clean_error(run, rf"--workdir .*run is in use by another run \(process {os.getpid()}\); let it "
-                            rf"end, or pick another --workdir$")
+        run = run_main(train.main, "--resume", "--data-dir", data_dir, "--workdir",
+                       tmp_path / "run")
+    assert_clean_error(run, rf"--workdir .*run is in use by another run \(process {os.getpid()}\); "
+                            rf"let it end, or pick another --workdir$")
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before if name != ".lock"} == {
         name: data for name, data in before.items() if name != ".lock"}
 
@@ -437,31 +467,36 @@ def test_unwritable_workdir_fails_before_training(run_main, data_dir, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 10 MB file system (tmpfs, mounted as root): one checkpoint with its optimizer state fits (6.6 MB),
-    a second beside it does not."""
+    """A 10 MB file system (tmpfs, mounted as root): one checkpoint with its optimizer state fits
+    (6.6 MB), a second beside it does not."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", mount],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root (test_file_size_limit fills files without it)")
+    command = ["mount", "-t", "tmpfs", "-o", "size=10m", "tmpfs", mount]
+    if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (test_file_size_limit fills files "
+                    "without it)")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", mount])
 
 
-def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(run_main, data_dir, small_disk):
+def test_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(run_main, data_dir,
+                                                                     small_disk):
     run = run_main(train.main, "--epochs", 3, "--data-dir", data_dir, "--workdir", small_disk)
     checkpoint = re.escape(str(small_disk / "checkpoint.msgpack"))
-    assert_clean_error(run, rf"^error: cannot write {checkpoint}: No space left on device; last checkpoint: "
-                            rf"{checkpoint} \(epoch 1\); free space, then continue with --resume$")
-    assert epoch_lines(run.stdout)[-1][:2] == ("test", 2)  # epoch 2 trained, its checkpoint did not fit
+    assert_clean_error(run, rf"^error: cannot write {checkpoint}: No space left on device; last "
+                            rf"checkpoint: {checkpoint} \(epoch 1\); free space, then continue "
+                            rf"with --resume$")
+    assert epoch_lines(run.stdout)[-1][:2] == ("test", 2)  # epoch 2 trained, its checkpoint not
     assert load_checkpoint(small_disk / "checkpoint.msgpack")[1] == 1
-    assert sorted(os.listdir(small_disk)) == [".lock", "checkpoint.msgpack", "history.json", "metrics.png"]
+    assert sorted(os.listdir(small_disk)) == [".lock", "checkpoint.msgpack", "history.json",
+                                              "metrics.png"]
 
 
 def test_resume_with_other_settings_is_refused(run_main, data_dir, trained):
-    run = run_main(train.main, "--resume", "--learning-rate", "0.1", "--data-dir", data_dir, "--workdir", trained[0])
+    run = run_main(train.main, "--resume", "--learning-rate", "0.1", "--data-dir", data_dir,
+                   "--workdir", trained[0])
     assert_clean_error(run, r"cannot resume .*--learning-rate 0.1 \(checkpoint: 0.01\)")
 
 
@@ -483,11 +518,12 @@ def test_unreachable_coordinator_is_one_line_within_peer_timeout(data_dir, tmp_p
     import distributed
     from conftest import closed_port
 
-    _, args = train.parse_args(["--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes", "2",
-                             "--process-id", "1", "--peer-timeout", "1"])
+    _, args = train.parse_args(["--coordinator", f"127.0.0.1:{closed_port()}", "--num-processes",
+                                "2", "--process-id", "1", "--peer-timeout", "1"])
     start = time.perf_counter()
-    with pytest.raises(distributed.StartError, match=r"^cannot reach the coordinator at 127.0.0.1:\d+ within 1 s "
-                                                      r"\(.*\); start process 0 there, or fix --coordinator$"):
+    line = (r"^cannot reach the coordinator at 127.0.0.1:\d+ within 1 s \(.*\); start process 0 "
+            r"there, or fix --coordinator$")
+    with pytest.raises(distributed.StartError, match=line):
         distributed.start(args)
     assert time.perf_counter() - start < 5
 
@@ -504,16 +540,19 @@ def no_compilation_cache(monkeypatch):
         jax.config.update(name, value)
 
 
-def test_the_compilation_cache_is_the_users_alone(no_compilation_cache, tmp_path, monkeypatch, capsys):
+def test_the_compilation_cache_is_the_users_alone(no_compilation_cache, tmp_path, monkeypatch,
+                                                  capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     xla.use_compilation_cache()
     folder = tmp_path / "mnist-jax-flax"
-    assert jax.config.jax_compilation_cache_dir == str(folder) and folder.stat().st_mode & 0o777 == 0o700
+    assert jax.config.jax_compilation_cache_dir == str(folder)
+    assert folder.stat().st_mode & 0o777 == 0o700
     jax.config.update("jax_compilation_cache_dir", None)
     folder.chmod(0o775)  # others could put code there
     xla.use_compilation_cache()
     assert jax.config.jax_compilation_cache_dir is None
-    assert capsys.readouterr().err == f"note: not using the compilation cache {folder}: others can write to it\n"
+    assert capsys.readouterr().err == (f"note: not using the compilation cache {folder}: others "
+                                       f"can write to it\n")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # README: the way to turn it off
     folder.chmod(0o700)
     xla.use_compilation_cache()
