@@ -141,8 +141,10 @@ def layer_parts(params, batch_size):
     rng = np.random.default_rng(0)
     conv1, conv2 = nn.Conv(32, (3, 3)), nn.Conv(64, (3, 3))
     dense1, dense2 = nn.Dense(256), nn.Dense(10)
-    relu_pool = lambda x: nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
     parts = []
+
+    def relu_pool(x):
+        return nn.avg_pool(nn.relu(x), (2, 2), (2, 2))
 
     def layer(name, module, p, x, inputs_gradient=True):
         def apply(x, p):
@@ -175,6 +177,7 @@ def layer_parts(params, batch_size):
     elementwise("relu", nn.relu, features(256))
     layer("dense2 (256 -> 10)", dense2, params["Dense_1"], features(256))
     labels = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
+
     def loss(logits, labels):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     parts.append(("loss forward and backward", jax.grad(loss), (features(10), labels)))

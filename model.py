@@ -41,12 +41,17 @@ class Config:
     seed: int = 0
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config"))  # one compilation, not one per op
 def create_train_state(model, config, images):
     """A fresh TrainState of `model` for batches like `images`: SGD, parameters from config.seed."""
-    params = model.init(jax.random.key(config.seed), images)["params"]
+    params = init_params(model, jax.random.key(config.seed), images)
     tx = optax.sgd(config.learning_rate, config.momentum)
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compilation, not one per op
+def init_params(model, key, images):
+    """The parameters of `model` for batches like `images`, drawn from key."""
+    return model.init(key, images)["params"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,7 +151,6 @@ def test_infer_classifies_images(run_main, trained, tmp_path):
     assert len({first, second, third}) == 3 and float(p1) >= float(p2) >= float(p3)
 
 
-
 # --- real MNIST (MNIST_DATA_DIR) ---
 
 def test_real_mnist_one_epoch_then_infer_on_pictures(run_main, real_trained, tmp_path):
@@ -188,7 +187,7 @@ def test_real_digits_saved_as_users_save_pictures_are_classified_as_plain_ones(r
         paths = [save_picture(paper, str(tmp_path / f"{kind}{i}"), kind)
                  for i, paper in enumerate(papers)]
         read, plain = (np.asarray(infer.predict(state, np.stack([infer.mnist_like(p[j])
-                                                                  for p in paths])))
+                                                                 for p in paths])))
                        for j in (0, 1))
         assert (read.argmax(-1) == plain.argmax(-1)).all(), kind
         assert np.abs(read - plain).max() < 0.05, kind

@@ -282,25 +282,30 @@ def test_interrupt_names_the_last_checkpoint(data_dir, tmp_path):
 
 def kill_repeatedly(data_dir, workdir, kills, seed):
     """Runs train.py --resume in workdir `kills` times, each SIGKILLed at a random moment after
-    its first epoch line; returns the epoch of the checkpoint left after each kill."""
+    its first epoch line; returns the epoch of the checkpoint left after each kill. Each run goes
+    on from the checkpoint the last kill left, as it was: the lock died with the killed process."""
     rng = np.random.default_rng(seed)
-    path = str(workdir / "checkpoint.msgpack")
+    path = workdir / "checkpoint.msgpack"
     epochs = []
     for _ in range(kills):
+        before, done = path.read_bytes(), load_checkpoint(path)[1]
         process = start_script("train.py", "--resume", "--epochs", 100000, "--data-dir", data_dir,
                                "--workdir", workdir, stderr=subprocess.DEVNULL)
         try:
-            read_until(process, "epoch")  # from here on, a checkpoint write is never far
-            time.sleep(rng.uniform(0, 0.3))
+            first_line = process.stdout.readline()  # a run that could not take the workdir has none
+            time.sleep(rng.uniform(0, 0.3))  # from the first line on, a checkpoint write is near
         finally:
             process.kill()
             process.wait()
+        assert first_line.startswith(f"train epoch: {done + 1},"), first_line
         epochs.append(load_checkpoint(path)[1])
+        assert epochs[-1] > done or path.read_bytes() == before  # a later epoch's, or as it was
     return epochs
 
 
 def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, trained, tmp_path):
-    """4 kills: two workdirs side by side (two cores), 2 kills in a row in each."""
+    """4 kills: two workdirs side by side (two cores), 2 kills in a row in each, each followed by
+    --resume."""
     workdirs = [tmp_path / "a", tmp_path / "b"]
     for workdir in workdirs:
         workdir.mkdir()
@@ -314,26 +319,6 @@ def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(data_dir, traine
 
 # --- one workdir, one run ---
 
-REFUSED = (r"^error: --workdir {workdir} holds a run already, in checkpoint.msgpack; continue it "
-           r"with --resume, or pick another --workdir$")
-
-
-def test_a_fresh_run_never_replaces_a_run(data_dir, trained, tmp_path):
-    """A workdir that holds a run of 2 epochs, and train.py again without --resume: with other
-    settings, and the very same command, side by side. One line each; the run stays as it was."""
-    cases = {"other settings": ["--epochs", 1, "--learning-rate", 0.05],
-             "same command": ["--epochs", 2]}
-    for case in cases:
-        shutil.copytree(trained[0], tmp_path / case)
-    before = {case: (tmp_path / case / "checkpoint.msgpack").read_bytes() for case in cases}
-    runs = finish([start_script("train.py", *args, "--data-dir", data_dir, "--workdir",
-                                tmp_path / case) for case, args in cases.items()], timeout=60)
-    for run, case in zip(runs, cases):
-        assert_clean_error(run, REFUSED.format(workdir=re.escape(str(tmp_path / case))))
-        assert len(run.stderr.strip().splitlines()) == 1 and run.stdout == ""
-        assert (tmp_path / case / "checkpoint.msgpack").read_bytes() == before[case]
-
-
 def holder(workdir, process, seconds=60):
     """Waits until `process` holds workdir (its pid in the lock file); fails if it ends first."""
     deadline = time.monotonic() + seconds
@@ -344,50 +329,43 @@ def holder(workdir, process, seconds=60):
         time.sleep(0.01)
 
 
-def test_a_second_run_on_a_busy_workdir_ends_at_once(tmp_path):
-    """Two runs on one workdir at once, the second with other settings: it ends within seconds,
-    naming the first, which goes on to its end with its own settings."""
-    data_dir, workdir = write_dataset(tmp_path / "data", num_train=3200), tmp_path / "w"
-    first = start_script("train.py", "--epochs", 6, "--data-dir", data_dir, "--workdir", workdir)
+def test_one_workdir_one_run(data_dir, trained, tmp_path):
+    """Side by side: a run that holds its workdir, and three runs that must leave others' runs as
+    they are. On the busy workdir, a run with other settings ends within seconds, naming the
+    holder, which goes on to its end with its own. On copies of a finished run of 2 epochs,
+    without --resume: other settings, and the very same command. One line each."""
+    data, busy = write_dataset(tmp_path / "data", num_train=3200), tmp_path / "busy"
+    first = start_script("train.py", "--epochs", 5, "--data-dir", data, "--workdir", busy)
+    cases = {"other settings": ["--epochs", 1, "--learning-rate", 0.05],
+             "same command": ["--epochs", 2]}
+    for case in cases:
+        shutil.copytree(trained[0], tmp_path / case)
+    before = {case: (tmp_path / case / "checkpoint.msgpack").read_bytes() for case in cases}
+    others = []
     try:
-        holder(workdir, first)
+        holder(busy, first)
         start = time.perf_counter()
-        second = run_script("train.py", "--epochs", 6, "--learning-rate", 0.05, "--data-dir",
-                            data_dir, "--workdir", workdir)
+        others = [start_script("train.py", *args, "--data-dir", data_dir, "--workdir",
+                               tmp_path / case) for case, args in cases.items()]
+        second = run_script("train.py", "--epochs", 5, "--learning-rate", 0.05, "--data-dir", data,
+                            "--workdir", busy)
         seconds = time.perf_counter() - start
         assert first.poll() is None, "the first run ended before the second asked for the workdir"
     finally:
-        first_run, = finish([first], timeout=120)
+        first_run, *refused = finish([first, *others], timeout=120)
     assert seconds < 10
-    assert_clean_error(second, rf"^error: --workdir {re.escape(str(workdir))} is in use by another "
+    assert_clean_error(second, rf"^error: --workdir {re.escape(str(busy))} is in use by another "
                                rf"run \(process {first.pid}\); let it end, or pick another "
                                rf"--workdir$")
     assert first_run.returncode == 0, first_run.stderr
-    _, epoch, config, history = load_checkpoint(workdir / "checkpoint.msgpack")
-    assert (epoch, config.learning_rate, len(history)) == (6, 0.01, 6)
-
-
-def test_a_run_killed_in_epoch_2_goes_on_with_resume(tmp_path):
-    """SIGKILL once epoch 1 is saved: the lock dies with the process, --resume takes the workdir
-    and goes on from the checkpoint, which the kill left as epoch 1 wrote it."""
-    data_dir, workdir = write_dataset(tmp_path / "data", num_train=3200), tmp_path / "w"
-    args = ["--epochs", 3, "--data-dir", data_dir, "--workdir", workdir]
-    first = start_script("train.py", *args)
-    try:
-        read_until(first, "epoch 1 time")
-        while not (workdir / "metrics.png").exists():  # epoch 1 saved: its last file
-            time.sleep(0.005)
-        saved = (workdir / "checkpoint.msgpack").read_bytes()
-        first.kill()
-    finally:
-        finish([first])
-    done = load_checkpoint(workdir / "checkpoint.msgpack")[1]
-    assert done == 2 or (workdir / "checkpoint.msgpack").read_bytes() == saved  # epoch 2's, or 1's
-    resumed = run_script("train.py", "--resume", *args)
-    assert resumed.returncode == 0, resumed.stderr
-    epochs = [line[1] for line in epoch_lines(resumed.stdout)]
-    assert epochs == [epoch for epoch in range(done + 1, 4) for split in ("train", "test")]
-    assert load_checkpoint(workdir / "checkpoint.msgpack")[1] == 3
+    _, epoch, config, history = load_checkpoint(busy / "checkpoint.msgpack")
+    assert (epoch, config.learning_rate, len(history)) == (5, 0.01, 5)
+    for run, case in zip(refused, cases):
+        assert_clean_error(run, rf"^error: --workdir {re.escape(str(tmp_path / case))} holds a run "
+                                rf"already, in checkpoint.msgpack; continue it with --resume, or "
+                                rf"pick another --workdir$")
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stdout == ""
+        assert (tmp_path / case / "checkpoint.msgpack").read_bytes() == before[case]
 
 
 # --- several processes (jax.distributed over Gloo on 127.0.0.1) ---

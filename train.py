@@ -26,7 +26,8 @@ import outputs
 import xla
 from model import CNN, RunConfig, create_train_state
 
-# --- The recipe: copy it, with Config and create_train_state from model.py ----------------------
+# --- The recipe: copy it, with Config, create_train_state and init_params from model.py ---------
+
 
 def train_step(state, batch):
     """One SGD step on a batch; the new state and the batch's metric sums."""
@@ -158,12 +159,12 @@ def stacks(batches, size):
 def shard(mesh, arrays, batch_axis):
     """Global arrays of every process's same batch, split along batch_axis (None: replicated)."""
     if batch_axis is None:
-        sharding, mine = NamedSharding(mesh, P()), lambda a: a
+        sharding, shares = NamedSharding(mesh, P()), arrays
     else:
         sharding = NamedSharding(mesh, P(*[None] * batch_axis, "batch"))
-        mine = lambda a: np.split(a, jax.process_count(), batch_axis)[jax.process_index()]
-    return {name: jax.make_array_from_process_local_data(sharding, mine(a))
-            for name, a in arrays.items()}
+        shares = {name: np.split(a, jax.process_count(), batch_axis)[jax.process_index()]
+                  for name, a in arrays.items()}
+    return {name: jax.make_array_from_process_local_data(sharding, a) for name, a in shares.items()}
 
 
 def train(config, workdir, resume, interrupted):
@@ -174,8 +175,7 @@ def train(config, workdir, resume, interrupted):
                             f"{jax.device_count()} devices; pick a multiple of "
                             f"{jax.device_count()}", every_process=True)
     is_main_process = jax.process_index() == 0
-    # Held until train() returns; the OS drops it with the process, however that ends.
-    _workdir_lock = outputs.claim_workdir(workdir, resume) if is_main_process else None
+    _lock = outputs.claim_workdir(workdir, resume) if is_main_process else None  # held to the end
     data = input_pipeline.load_dataset(config.dataset, config.data_dir)
     if config.batch_size > len(data["train"][1]):
         raise TrainingError(f"--batch-size {config.batch_size} is larger than the "
@@ -221,7 +221,7 @@ def resume_or_start(config, workdir, resume, images):
                                 f"{', '.join(changed)}")
         if done >= config.epochs:
             print(f"{path} already holds epoch {done}; pass a larger --epochs to go on")
-    if resume:
+    if resume and jax.process_count() > 1:
         state, done = multihost_utils.broadcast_one_to_all((state, done))
     return state, int(done), history
 

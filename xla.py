@@ -34,8 +34,7 @@ def compiler_options():
 def use_compilation_cache(several_processes=False):
     """JAX's compilation cache in the user's own cache folder (PERFORMANCE.md, section 5), unless
     JAX_COMPILATION_CACHE_DIR sets one; none at all in a run of several processes."""
-    if several_processes:
-        # No help there, and a hang on JAX 0.12.1 (PERFORMANCE.md, section 6).
+    if several_processes:  # no help there, and a hang on JAX 0.12.1 (PERFORMANCE.md, section 6)
         jax.config.update("jax_enable_compilation_cache", False)
         return
     if "JAX_COMPILATION_CACHE_DIR" in os.environ or jax.config.jax_compilation_cache_dir:
