@@ -43,15 +43,15 @@ class Config:
 
 def create_train_state(model, config, images):
     """A fresh TrainState of `model` for batches like `images`: SGD, parameters from config.seed."""
-    params = init_params(model, jax.random.key(config.seed), images)
-    tx = optax.sgd(config.learning_rate, config.momentum)
+    return init_state(model, (config.learning_rate, config.momentum), config.seed, images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compilation; same settings, same tx
+def init_state(model, sgd_settings, seed, images):
+    """A TrainState of `model` for batches like `images`: optax.sgd(*sgd_settings), seeded."""
+    params = model.init(jax.random.key(seed), images)["params"]
+    tx = optax.sgd(*sgd_settings)
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-
-@functools.partial(jax.jit, static_argnums=0)  # one compilation, not one per op
-def init_params(model, key, images):
-    """The parameters of `model` for batches like `images`, drawn from key."""
-    return model.init(key, images)["params"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,6 +113,11 @@ def test_model_output_shape_and_parameter_count():
     assert jax.eval_shape(state.apply_fn, {"params": state.params}, images).shape == (3, 10)
 
 
+def test_states_of_equal_settings_share_their_optimizer():
+    """jit keys the steps on the state's tx: a new one for equal settings would compile anew."""
+    assert fresh_state(Config()).tx is fresh_state(Config(epochs=3, batch_size=64)).tx
+
+
 def test_the_cnn_scales_uint8_images_and_takes_float_ones_as_they_are():
     """Scaled once, in the model: a float image already in [0, 1] is not divided again."""
     state = fresh_state()

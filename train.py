@@ -26,7 +26,7 @@ import outputs
 import xla
 from model import CNN, RunConfig, create_train_state
 
-# --- The recipe: copy it, with Config, create_train_state and init_params from model.py ---------
+# --- The recipe: copy it, with Config, create_train_state and init_state from model.py ----------
 
 
 def train_step(state, batch):
