@@ -206,19 +206,24 @@ def test_the_recipe_and_a_rolled_scan_train_like_train_py(data_dir, trained, cap
     plain jax.jit, one step a call, and the accelerators' rolled scan, 10 steps a call, forced on
     the CPU. Float32 sums in another order move the parameters apart step by step: after these
     20 steps the train loss agrees to 1e-5 and the test loss to 1e-3 (one step a call against 5:
-    0.45190 and 0.45191 on JAX 0.10.2)."""
+    0.45190 and 0.45191 on JAX 0.10.2); the parameters, to 1e-2 of a leaf's largest value (the
+    rolled scan against one step a call, JAX 0.11.2)."""
     expected = json.loads((trained[0] / "history.json").read_text())[0]
     data = input_pipeline.load_dataset("mnist", data_dir)
     run_train_step, run_eval_step, on_mesh = machinery_steps(unroll=False)
     rolled = (run_train_step, run_eval_step, lambda batches: train.stacks(batches, 10))
+    states = []
     for state, steps in ((fresh_state(), None), (on_mesh(fresh_state()), rolled)):
-        _, (record,) = train.train_and_evaluate(state, data["train"], data["test"],
-                                                Config(epochs=1), steps=steps)
+        state, (record,) = train.train_and_evaluate(state, data["train"], data["test"],
+                                                    Config(epochs=1), steps=steps)
+        states.append(state)
         assert len(epoch_lines(capsys.readouterr().out)) == 2
         assert record["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
         assert record["test_loss"] == pytest.approx(expected["test_loss"], rel=1e-3)
         for key in ("train_accuracy", "test_accuracy"):  # one image in 640 is 0.16
             assert record[key] == pytest.approx(expected[key], abs=0.2)
+    for a, b in zip(*(jax.tree.leaves(state.params) for state in states)):
+        assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()
 
 
 class MLP(nn.Module):
@@ -421,7 +426,7 @@ def test_bad_data(run_main, tmp_path, damage, message):
     assert_clean_error(run, message)
 
 
-@pytest.mark.parametrize("learning_rate, loss", [("1e20", r"(nan|inf|\d\.\d+e\+\d+)"),
+@pytest.mark.parametrize("learning_rate, loss", [("1e38", r"(nan|inf)"),
                                                  ("1e4", r"\d\.\d+e\+\d+")])
 def test_diverged_loss_stops_and_keeps_the_last_good_checkpoint(run_main, data_dir, trained,
                                                                 tmp_path, learning_rate, loss):
