@@ -34,11 +34,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MALLOC_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX")
 
 
-def steps_per_call_here():
-    """(steps per jitted call, unrolled) as train.py picks them for this backend."""
-    return train.STEPS_PER_CALL.get(jax.default_backend(), train.ACCELERATOR_STEPS_PER_CALL)
-
-
 def new_state():
     """A fresh train state of train.py's model with the quick start's settings."""
     return create_train_state(CNN(), Config(), MNIST_IMAGE)
@@ -68,7 +63,7 @@ def time_ours(jitted, images, labels, batch_size, steps, mesh):
     """Seconds per step as train.py's loop runs its steps (`jitted`: train.jit_steps(), fed by
     data_parallel and stacks), over `steps` batches, after a warm-up call."""
     state = jax.device_put(new_state(), NamedSharding(mesh, P()))
-    steps_per_call, unroll = steps_per_call_here()
+    steps_per_call, unroll = train.steps_per_call()
     run_train_step, _ = train.data_parallel(mesh, *jitted, unroll)
     stacks = list(itertools.islice(  # only the stacks the timing uses, not the whole epoch
         train.stacks(train.train_batches(images, labels, batch_size, 0, 1), steps_per_call),
@@ -212,7 +207,7 @@ def step_breakdown(images, labels, mesh, batch_size=32):
         seconds, cost = time_call(fn, args)
         flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0)
         rows.append((name, 1e3 * seconds, flops / 1e6, flops / seconds / 1e9))
-    steps_per_call, _ = steps_per_call_here()
+    steps_per_call, _ = train.steps_per_call()
     steps = len(images) // batch_size
 
     def stacks():

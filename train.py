@@ -105,11 +105,11 @@ def train_and_evaluate(state, train_data, test_data, config, first_epoch=1, step
 
 # --- The machinery: train.py's command line around the recipe -----------------------------------
 
-# Train steps per jitted call, and whether lax.scan unrolls them (PERFORMANCE.md, section 7): on
-# XLA:CPU 5, unrolled, as it runs gradient convolutions in a loop as plain loops; on accelerators
-# 500, so that the host does not set the pace.
-STEPS_PER_CALL = {"cpu": (5, True)}
-ACCELERATOR_STEPS_PER_CALL = (500, False)
+def steps_per_call():
+    """(train steps per jitted call, whether lax.scan unrolls them) here (PERFORMANCE.md, section
+    7): on XLA:CPU 5, unrolled, as it runs gradient convolutions in a loop as plain loops; on
+    accelerators 500, so that the host does not set the pace."""
+    return (5, True) if jax.default_backend() == "cpu" else (500, False)
 
 
 def train_steps(state, batches, unroll):
@@ -182,12 +182,12 @@ def train(config, workdir, resume, interrupted):
                             f"{len(data['train'][1])} training images")
     state, done, history = resume_or_start(config, workdir, resume, data["train"][0][:1])
     state = jax.device_put(state, NamedSharding(mesh, P()))
-    steps_per_call, unroll = STEPS_PER_CALL.get(jax.default_backend(), ACCELERATOR_STEPS_PER_CALL)
+    per_call, unroll = steps_per_call()
 
     def feed(batches):
         bar = tqdm(batches, total=len(data["train"][1]) // config.batch_size, unit="step",
                    leave=False, disable=not (sys.stderr.isatty() and is_main_process))
-        return stacks(bar, steps_per_call)
+        return stacks(bar, per_call)
 
     def after_epoch(state, record):
         if not record["train_loss"] < 10 * np.log(10):  # guessing gives ln 10; also catches nan
