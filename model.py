@@ -46,7 +46,7 @@ def create_train_state(model, config, images):
     return init_state(model, (config.learning_rate, config.momentum), config.seed, images)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))  # one compilation; same settings, same tx
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one compilation; same settings, same tx
 def init_state(model, sgd_settings, seed, images):
     """A TrainState of `model` for batches like `images`: optax.sgd(*sgd_settings), seeded."""
     params = model.init(jax.random.key(seed), images)["params"]

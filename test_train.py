@@ -118,6 +118,13 @@ def test_states_of_equal_settings_share_their_optimizer():
     assert fresh_state(Config()).tx is fresh_state(Config(epochs=3, batch_size=64)).tx
 
 
+def test_any_seed_the_flags_take_makes_a_state():
+    """--seed takes 0 to 2^63 - 1; jit takes a traced integer argument only up to 2^31 - 1."""
+    for seed in (2 ** 31, 2 ** 63 - 1):
+        state = create_train_state(nn.Dense(2), Config(seed=seed), np.zeros((1, 3), np.float32))
+        assert state.params["kernel"].shape == (3, 2)
+
+
 def test_the_cnn_scales_uint8_images_and_takes_float_ones_as_they_are():
     """Scaled once, in the model: a float image already in [0, 1] is not divided again."""
     state = fresh_state()
